@@ -1,0 +1,176 @@
+"""The backend interface: what a model family provides to the denoising MDP.
+
+A backend owns the velocity model (the only module the policy runs each step), the prompt
+encoder (run once per distinct prompt, cached) and the decoder (run once, at the terminal step).
+
+Subclasses implement four hooks:
+
+* ``prompt_sets()``                 -> ``{name: [prompt, ...]}`` (at least ``"train"``)
+* ``_encode(prompts)``              -> ``TensorDict`` with batch size ``[len(prompts)]``
+* ``_forward(latents, sigma, cond)`` -> velocity of the same shape as ``latents``
+* ``decode(latents)``               -> images, float32 in [0, 1], shape ``(B, C, H, W)``
+
+and set ``name`` and ``latent_shape``. ``velocity`` (classifier-free guidance in one batched
+forward), the prompt cache, ``trainable_parameters`` and the ``reference()`` context come from
+this base class; a backend overrides ``reference()`` when it has a cheaper way to evaluate the
+pretrained model (LoRA adapters disabled, for instance).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterator, Sequence
+
+import torch
+from tensordict import TensorDict
+from torch import Tensor, nn
+
+__all__ = ["FlowBackend"]
+
+
+class FlowBackend(nn.Module):
+    """Base class of model backends. See the module docstring for the contract."""
+
+    #: short name of the model family, e.g. ``"digits"`` or ``"sd3"``
+    name: str = "base"
+    #: per-sample latent shape, e.g. ``(1, 8, 8)`` or ``(16, 64, 64)``
+    latent_shape: tuple[int, ...] = ()
+    #: the prompt classifier-free guidance pushes away from
+    negative_prompt: str = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._prompt_cache: dict[str, TensorDict] = {}
+        self.reference_model: nn.Module | None = None
+        self._use_reference = False
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def prompt_sets(self) -> dict[str, list[str]]:
+        """Named prompt lists; ``"train"`` is required, others (e.g. ``"heldout"``) optional."""
+        raise NotImplementedError
+
+    def _encode(self, prompts: list[str]) -> TensorDict:
+        """Encode distinct prompts, uncached: a TensorDict with batch size ``[len(prompts)]``."""
+        raise NotImplementedError
+
+    def _forward(self, latents: Tensor, sigma: Tensor, cond: TensorDict) -> Tensor:
+        """One forward of the velocity model. ``sigma`` has shape ``(B,)``, in [0, 1]."""
+        raise NotImplementedError
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents -> images, float32 in [0, 1], shape ``(B, C, H, W)``."""
+        raise NotImplementedError
+
+    def velocity_model(self) -> nn.Module:
+        """The module whose parameters define the policy (trained, or carrying the adapters)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared behaviour
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype of the velocity model."""
+        for p in self.velocity_model().parameters():
+            return p.dtype
+        return torch.float32
+
+    def resolve_prompt_set(self, name: str) -> list[str]:
+        sets = self.prompt_sets()
+        if name not in sets:
+            raise ValueError(f"unknown prompt set {name!r} for backend {self.name!r}; accepted: {sorted(sets)}")
+        return list(sets[name])
+
+    def encode_prompts(self, prompts: Sequence[str]) -> TensorDict:
+        """Conditioning for ``prompts`` (batch ``[len(prompts)]``); each distinct prompt is encoded once.
+
+        The cache lives as long as the backend; ``clear_prompt_cache()`` empties it.
+        """
+        prompts = list(prompts)
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._prompt_cache))
+        if missing:
+            with torch.no_grad():
+                encoded = self._encode(missing)
+            if encoded.batch_size != torch.Size([len(missing)]):
+                raise RuntimeError(
+                    f"{type(self).__name__}._encode returned batch size {tuple(encoded.batch_size)}; "
+                    f"expected ({len(missing)},)"
+                )
+            for i, prompt in enumerate(missing):
+                self._prompt_cache[prompt] = encoded[i].clone()
+        return torch.stack([self._prompt_cache[p] for p in prompts], dim=0)
+
+    def clear_prompt_cache(self) -> None:
+        self._prompt_cache.clear()
+
+    def velocity(self, latents: Tensor, sigma: Tensor, cond: TensorDict, guidance_scale: float = 1.0) -> Tensor:
+        """Predicted velocity, with classifier-free guidance when ``guidance_scale != 1``.
+
+        CFG runs the unconditional (negative-prompt) and conditional branches in one batched
+        forward: ``v = v_neg + guidance_scale * (v_cond - v_neg)``.
+        """
+        sigma = torch.as_tensor(sigma, device=latents.device, dtype=torch.float32).expand(latents.shape[0])
+        if guidance_scale == 1.0:
+            return self._forward(latents, sigma, cond)
+        negative = self.encode_prompts([self.negative_prompt]).expand(latents.shape[0]).to(cond.device)
+        both = self._forward(
+            torch.cat([latents, latents]), torch.cat([sigma, sigma]), torch.cat([negative, cond.to(negative.device)])
+        )
+        v_neg, v_cond = both.chunk(2)
+        return v_neg + guidance_scale * (v_cond - v_neg)
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.velocity_model().parameters() if p.requires_grad)
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """The trained weights only (what a checkpoint stores)."""
+        names = {id(p) for p in self.trainable_parameters()}
+        return {
+            k: v.detach().clone()
+            for k, v in self.velocity_model().named_parameters()
+            if id(v) in names
+        }
+
+    def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
+        params = dict(self.velocity_model().named_parameters())
+        unknown = sorted(set(state) - set(params))
+        if unknown:
+            raise ValueError(f"state holds parameters this backend does not have: {unknown[:5]}")
+        with torch.no_grad():
+            for k, v in state.items():
+                params[k].copy_(v)
+
+    def snapshot_reference(self) -> None:
+        """Keep a frozen copy of the current velocity model as the reference policy.
+
+        Call it once the pretrained weights are loaded (backends do, in their constructor).
+        Fine for small models; backends with adapters override ``reference()`` instead and never
+        need a second copy.
+        """
+        self.reference_model = copy.deepcopy(self.velocity_model()).requires_grad_(False).eval()
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Evaluate the frozen pretrained (reference) model inside this context."""
+        if getattr(self, "reference_model", None) is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no reference model: call snapshot_reference() after "
+                "loading the pretrained weights, or override reference()"
+            )
+        previous = self._use_reference
+        self._use_reference = True
+        try:
+            yield
+        finally:
+            self._use_reference = previous
+
+    def active_velocity_model(self) -> nn.Module:
+        """The model ``_forward`` should run: the frozen reference inside ``reference()``."""
+        if self._use_reference:
+            return self.reference_model
+        return self.velocity_model()

@@ -1,0 +1,351 @@
+"""``FlowDenoiseEnv``: the denoising process of a flow model as a batched TorchRL environment.
+
+One episode is one image generation: K denoising steps over a batch of B = prompts x group size
+latents, all stepping together on one device.
+
+* reset: draws ``num_prompts`` prompts from the prompt list (or takes them from the input
+  tensordict's ``prompt`` entry), repeats each ``group_size`` times (a GRPO group), draws the initial
+  noise from the env's seeded generator (optionally shared within a group) and chooses which steps
+  are stochastic this episode;
+* observation: ``latent``, ``step``, ``sigma``, ``sigma_next``, ``stochastic``, ``prompt`` (text),
+  ``prompt_index``, ``group_id``, ``conditioning`` (the backend's cached prompt encoding) and
+  ``reward_terms`` (each named reward, non-zero at the terminal step only);
+* action: the next latent (float32, the latent's shape), e.g. sampled by ``flowgym.policy.FlowPolicy``;
+* the terminal step decodes the final latents and returns the weighted reward total as ``reward``.
+
+Which steps are stochastic (the only ones an algorithm trains on) is set by ``stochastic_steps``:
+
+* ``"all_but_last"`` (Flow-GRPO), ``"all"``, ``"none"`` (ODE sampling, for evaluation);
+* ``{"window": W, "range": [lo, hi]}``: a random window of W consecutive steps inside steps
+  ``lo .. hi - 1``, drawn per episode for the whole batch (Flow-GRPO-Fast, the Flow-DPPO recipe);
+* an explicit list of step indices.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from tensordict import NonTensorStack, TensorDict, TensorDictBase
+from torchrl.data import Bounded, Categorical, Composite, NonTensor, Unbounded
+from torchrl.envs import EnvBase
+
+from flowgym.backends.base import FlowBackend
+from flowgym.rewards import RewardComposer
+from flowgym.schedules import make_sigmas
+
+__all__ = ["FlowDenoiseEnv", "resolve_prompts", "stochastic_step_mask"]
+
+StochasticSpec = str | Sequence[int] | Mapping[str, object]
+
+
+def resolve_prompts(backend: FlowBackend, prompts: str | Sequence[str]) -> list[str]:
+    """A list of prompts from a list, a ``.txt`` file (one prompt a line) or a named prompt set."""
+    if isinstance(prompts, (str, Path)):
+        text = str(prompts)
+        if text.endswith(".txt"):
+            path = Path(text)
+            if not path.is_file():
+                raise ValueError(f"prompt file {text!r} does not exist")
+            lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            if not lines:
+                raise ValueError(f"prompt file {text!r} holds no prompts")
+            return lines
+        return backend.resolve_prompt_set(text)
+    prompts = [str(p) for p in prompts]
+    if not prompts:
+        raise ValueError("prompts must be a non-empty list, a .txt file or a prompt-set name")
+    return prompts
+
+
+def stochastic_step_mask(spec: StochasticSpec, num_steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Boolean mask of length ``num_steps``: which steps are stochastic (trained) this episode."""
+    mask = torch.zeros(num_steps, dtype=torch.bool)
+    accepted = "'all_but_last', 'all', 'none', a list of step indices, or {'window': W, 'range': [lo, hi]}"
+    if isinstance(spec, str):
+        if spec == "all_but_last":
+            mask[: max(num_steps - 1, 0)] = True
+        elif spec == "all":
+            mask[:] = True
+        elif spec != "none":
+            raise ValueError(f"unknown stochastic_steps {spec!r}; accepted: {accepted}")
+        return mask
+    if isinstance(spec, Mapping):
+        if "window" not in spec:
+            raise ValueError(f"stochastic_steps mapping needs 'window'; accepted: {accepted}")
+        window = int(spec["window"])
+        lo, hi = (int(v) for v in spec.get("range", (0, num_steps)))
+        if not (0 <= lo < hi <= num_steps) or not (1 <= window <= hi - lo):
+            raise ValueError(
+                f"stochastic window {window} in range [{lo}, {hi}) does not fit {num_steps} steps; "
+                "need 0 <= lo < hi <= num_steps and 1 <= window <= hi - lo"
+            )
+        start = lo + int(torch.randint(0, hi - lo - window + 1, (), generator=generator))
+        mask[start : start + window] = True
+        return mask
+    indices = [int(i) for i in spec]
+    bad = [i for i in indices if not 0 <= i < num_steps]
+    if bad:
+        raise ValueError(f"stochastic step indices {bad} out of range; accepted 0 .. {num_steps - 1}")
+    mask[indices] = True
+    return mask
+
+
+class FlowDenoiseEnv(EnvBase):
+    """Batched TorchRL environment over the denoising MDP of ``backend``.
+
+    Args:
+        backend: the model family (velocity model, prompt encoder, decoder).
+        num_prompts: prompts per batch (P); the batch size is ``P * group_size``.
+        group_size: samples per prompt (G), the group of group-relative advantages.
+        num_steps: denoising steps K per episode.
+        shift: the schedule's static shift, or ``"dynamic"`` (see ``flowgym.schedules``).
+        prompts: a list, a ``.txt`` file, or a prompt-set name of the backend (``"train"``).
+        rewards: ``{reward_name: weight}`` or a ``RewardComposer``.
+        reward_kwargs: per-reward constructor arguments, ``{reward_name: {...}}``.
+        stochastic_steps: see the module docstring.
+        share_initial_noise: one initial noise per group instead of one per sample.
+        device: where latents live (default: the backend's device).
+        seed: seeds prompt draws, initial noise and stochastic windows.
+        policy_defaults: keyword arguments of ``FlowPolicy`` that ``make_policy()`` uses.
+    """
+
+    batch_locked = True
+
+    def __init__(
+        self,
+        backend: FlowBackend,
+        *,
+        num_prompts: int = 4,
+        group_size: int = 8,
+        num_steps: int = 10,
+        shift: float | str = 3.0,
+        prompts: str | Sequence[str] = "train",
+        rewards: Mapping[str, float] | RewardComposer | None = None,
+        reward_kwargs: Mapping[str, Mapping] | None = None,
+        stochastic_steps: StochasticSpec = "all_but_last",
+        share_initial_noise: bool = False,
+        device: torch.device | str | None = None,
+        seed: int | None = None,
+        policy_defaults: Mapping[str, object] | None = None,
+    ) -> None:
+        for name, value, low in (("num_prompts", num_prompts, 1), ("group_size", group_size, 1), ("num_steps", num_steps, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+        device = torch.device(device) if device is not None else backend.device
+        batch = num_prompts * group_size
+        super().__init__(device=device, batch_size=torch.Size([batch]))
+        self.backend = backend
+        self.num_prompts = num_prompts
+        self.group_size = group_size
+        self.num_steps = num_steps
+        self.shift = shift
+        image_seq_len = None
+        if shift == "dynamic":
+            image_seq_len = (backend.latent_shape[-1] // 2) * (backend.latent_shape[-2] // 2)
+        self.sigmas = make_sigmas(num_steps, shift, image_seq_len).to(device)
+        self.prompt_list = resolve_prompts(backend, prompts)
+        if rewards is None:
+            rewards = self._default_rewards(backend)
+        self.rewards = rewards if isinstance(rewards, RewardComposer) else RewardComposer(rewards, reward_kwargs)
+        self.rewards.to(device)
+        self.stochastic_spec = stochastic_steps
+        stochastic_step_mask(stochastic_steps, num_steps)  # validate now, not at the first reset
+        self.share_initial_noise = bool(share_initial_noise)
+        self.policy_defaults = dict(policy_defaults or {})
+        self._generator = torch.Generator()
+        self._generator.manual_seed(seed if seed is not None else int(torch.seed() % 2**62))
+        self._state: dict[str, object] | None = None
+        self._make_specs()
+
+    @staticmethod
+    def _default_rewards(backend: FlowBackend) -> dict[str, float]:
+        return {"digit_alignment": 1.0} if backend.name == "digits" else {"jpeg_compressibility": 1.0}
+
+    # ------------------------------------------------------------------ specs
+    def _make_specs(self) -> None:
+        B, K = self.batch_size[0], self.num_steps
+        shape = (B, *self.backend.latent_shape)
+        dev = self.device
+        cond_example = self.backend.encode_prompts(self.prompt_list[:1]).to(dev)
+        cond_spec = Composite(
+            {
+                key: Unbounded(shape=(B, *value.shape[1:]), dtype=value.dtype, device=dev)
+                for key, value in cond_example.items(include_nested=True, leaves_only=True)
+            },
+            shape=(B,),
+            device=dev,
+        )
+        self.observation_spec = Composite(
+            latent=Unbounded(shape=shape, dtype=torch.float32, device=dev),
+            step=Bounded(low=0, high=K, shape=(B,), dtype=torch.int64, device=dev),
+            sigma=Bounded(low=0.0, high=1.0, shape=(B,), dtype=torch.float32, device=dev),
+            sigma_next=Bounded(low=0.0, high=1.0, shape=(B,), dtype=torch.float32, device=dev),
+            stochastic=Categorical(n=2, shape=(B,), dtype=torch.bool, device=dev),
+            prompt=NonTensor(shape=(B,), device=dev, example_data=self.prompt_list[0]),
+            prompt_index=Bounded(low=0, high=len(self.prompt_list) - 1, shape=(B,), dtype=torch.int64, device=dev),
+            group_id=Bounded(low=0, high=self.num_prompts - 1, shape=(B,), dtype=torch.int64, device=dev),
+            conditioning=cond_spec,
+            reward_terms=Composite(
+                {name: Unbounded(shape=(B, 1), dtype=torch.float32, device=dev) for name in self.rewards.names},
+                shape=(B,),
+                device=dev,
+            ),
+            shape=(B,),
+            device=dev,
+        )
+        self.action_spec = Unbounded(shape=shape, dtype=torch.float32, device=dev)
+        self.reward_spec = Unbounded(shape=(B, 1), dtype=torch.float32, device=dev)
+        self.done_spec = Composite(
+            {key: Categorical(n=2, shape=(B, 1), dtype=torch.bool, device=dev) for key in ("done", "terminated", "truncated")},
+            shape=(B,),
+            device=dev,
+        )
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def episode_stochastic_mask(self) -> torch.Tensor:
+        """The current episode's per-step stochastic mask (length K)."""
+        if self._state is None:
+            raise RuntimeError("the environment has not been reset")
+        return self._state["stochastic_mask"]  # type: ignore[return-value]
+
+    def make_policy(self, **overrides):
+        """A ``FlowPolicy`` on this env's backend with the env's policy defaults (and overrides)."""
+        from flowgym.policy import FlowPolicy  # the policy sits beside the env, not below it
+
+        return FlowPolicy(self.backend, **{**self.policy_defaults, **overrides})
+
+    def _draw_prompts(self) -> list[int]:
+        n = len(self.prompt_list)
+        if self.num_prompts <= n:
+            order = torch.randperm(n, generator=self._generator)[: self.num_prompts]
+        else:
+            order = torch.randint(0, n, (self.num_prompts,), generator=self._generator)
+        return order.tolist()
+
+    def _observation(self) -> TensorDict:
+        state = self._state
+        assert state is not None
+        B, k = self.batch_size[0], int(state["step"])
+        dev = self.device
+        finished = k >= self.num_steps
+        sigma = self.sigmas[k]
+        sigma_next = self.sigmas[k + 1] if not finished else self.sigmas[k]
+        stochastic = bool(state["stochastic_mask"][k]) if not finished else False
+        obs = TensorDict(
+            {
+                "latent": state["latent"],
+                "step": torch.full((B,), k, dtype=torch.int64, device=dev),
+                "sigma": sigma.expand(B).clone(),
+                "sigma_next": sigma_next.expand(B).clone(),
+                "stochastic": torch.full((B,), stochastic, dtype=torch.bool, device=dev),
+                "prompt_index": state["prompt_index"],
+                "group_id": state["group_id"],
+                "conditioning": state["conditioning"],
+                "reward_terms": state["reward_terms"],
+            },
+            batch_size=[B],
+            device=dev,
+        )
+        obs.set("prompt", NonTensorStack(*state["prompts"], batch_size=[B]))
+        return obs
+
+    # ------------------------------------------------------------------ EnvBase hooks
+    def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
+        B, G = self.batch_size[0], self.group_size
+        dev = self.device
+        explicit = None
+        if tensordict is not None and "prompt" in tensordict.keys():
+            explicit = tensordict.get("prompt")
+            explicit = explicit.tolist() if hasattr(explicit, "tolist") else list(explicit)
+            if len(explicit) != B:
+                raise ValueError(f"reset got {len(explicit)} prompts; expected one per batch element ({B})")
+            prompts = [str(p) for p in explicit]
+            index_of = {p: i for i, p in enumerate(self.prompt_list)}
+            prompt_index = torch.tensor([index_of.get(p, 0) for p in prompts], dtype=torch.int64)
+            group_id = torch.arange(B) // G
+        else:
+            chosen = self._draw_prompts()
+            prompts = [self.prompt_list[i] for i in chosen for _ in range(G)]
+            prompt_index = torch.tensor(chosen, dtype=torch.int64).repeat_interleave(G)
+            group_id = torch.arange(B) // G
+        shape = self.backend.latent_shape
+        if self.share_initial_noise:
+            noise = torch.randn((self.num_prompts, *shape), generator=self._generator).repeat_interleave(G, dim=0)
+        else:
+            noise = torch.randn((B, *shape), generator=self._generator)
+        mask = stochastic_step_mask(self.stochastic_spec, self.num_steps, self._generator)
+        self._state = {
+            "latent": noise.to(dev),
+            "step": 0,
+            "prompts": prompts,
+            "prompt_index": prompt_index.to(dev),
+            "group_id": group_id.to(dev),
+            "conditioning": self.backend.encode_prompts(prompts).to(dev),
+            "stochastic_mask": mask,
+            "reward_terms": TensorDict(
+                {name: torch.zeros(B, 1, device=dev) for name in self.rewards.names}, batch_size=[B], device=dev
+            ),
+        }
+        obs = self._observation()
+        obs.set("done", torch.zeros(B, 1, dtype=torch.bool, device=dev))
+        obs.set("terminated", torch.zeros(B, 1, dtype=torch.bool, device=dev))
+        obs.set("truncated", torch.zeros(B, 1, dtype=torch.bool, device=dev))
+        return obs
+
+    def validate_action(self, action: object) -> torch.Tensor:
+        """Check an action; ``ValueError`` saying what was expected. Never changes the state."""
+        expected_shape = (self.batch_size[0], *self.backend.latent_shape)
+        if not isinstance(action, torch.Tensor):
+            raise ValueError(f"action must be a torch.Tensor of shape {expected_shape}; got {type(action).__name__}")
+        if tuple(action.shape) != expected_shape:
+            raise ValueError(f"action must have shape {expected_shape} (the next latent); got {tuple(action.shape)}")
+        if action.dtype != torch.float32:
+            raise ValueError(f"action must have dtype torch.float32; got {action.dtype}")
+        if action.device != self.device:
+            raise ValueError(f"action must be on device {self.device}; got {action.device}")
+        if not bool(torch.isfinite(action).all()):
+            raise ValueError("action holds NaN or inf; the next latent must be finite")
+        return action
+
+    def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
+        if self._state is None:
+            raise RuntimeError("step() before reset(): call reset() first")
+        k = int(self._state["step"])
+        if k >= self.num_steps:
+            raise RuntimeError(
+                f"the episode finished after {self.num_steps} steps; call reset() before stepping again"
+            )
+        action = self.validate_action(tensordict.get("action"))
+        B = self.batch_size[0]
+        dev = self.device
+        done = k + 1 == self.num_steps
+        reward = torch.zeros(B, 1, device=dev)
+        reward_terms = self._state["reward_terms"]
+        if done:
+            with torch.no_grad():
+                images = self.backend.decode(action)
+                total, terms = self.rewards(images, self._state["prompts"])
+            reward = total.to(dev).reshape(B, 1)
+            reward_terms = TensorDict(
+                {name: value.to(dev).reshape(B, 1) for name, value in terms.items()}, batch_size=[B], device=dev
+            )
+            self._state["images"] = images
+        self._state.update(latent=action.clone(), step=k + 1, reward_terms=reward_terms)
+        out = self._observation()
+        out.set("reward", reward)
+        flag = torch.full((B, 1), done, dtype=torch.bool, device=dev)
+        out.set("done", flag)
+        out.set("terminated", flag.clone())
+        out.set("truncated", torch.zeros(B, 1, dtype=torch.bool, device=dev))
+        return out
+
+    def _set_seed(self, seed: int | None) -> None:
+        self._generator.manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**62))
+
+    @property
+    def last_images(self) -> torch.Tensor | None:
+        """The decoded images of the last finished episode (None before one finishes)."""
+        return None if self._state is None else self._state.get("images")  # type: ignore[return-value]
