@@ -342,6 +342,13 @@ class FlowDenoiseEnv(EnvBase):
         out.set("truncated", torch.zeros(B, 1, dtype=torch.bool, device=dev))
         return out
 
+    def generator_state(self) -> torch.Tensor:
+        """State of the env's generator (prompt draws, initial noise, windows), for checkpoints."""
+        return self._generator.get_state()
+
+    def set_generator_state(self, state: torch.Tensor) -> None:
+        self._generator.set_state(state)
+
     def _set_seed(self, seed: int | None) -> None:
         self._generator.manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**62))
 

@@ -1,0 +1,65 @@
+"""Hydra entry point: ``python -m algos.run algo=flow_dppo`` (see ``configs/config.yaml``)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from algos.checkpoint import latest_checkpoint
+from algos.trainer import Trainer
+
+
+def find_resume_dir(resume: Any, run_dir: Path) -> Path | None:
+    """The run folder to continue: ``resume=true`` takes the newest sibling run with a checkpoint."""
+    if resume in (False, None, "false", "False"):
+        return None
+    if resume in (True, "true", "True"):
+        candidates = sorted((p for p in run_dir.parent.iterdir() if p.is_dir() and p != run_dir), reverse=True)
+        for candidate in candidates:
+            if latest_checkpoint(candidate / "checkpoints") is not None:
+                return candidate
+        raise ValueError(f"resume=true but no earlier run with a checkpoint under {run_dir.parent}")
+    path = Path(str(resume))
+    if latest_checkpoint(path / "checkpoints") is None and latest_checkpoint(path) is None:
+        raise ValueError(f"resume={resume!r}: no complete checkpoint in that folder (expected <run>/checkpoints/iter-*)")
+    return path.parent if path.name == "checkpoints" else path
+
+
+def summary_table(rows: list[dict[str, float]]) -> str:
+    """First and last evaluation side by side, one metric a line."""
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    if not evals:
+        return "(no evaluation ran)"
+    first, last = evals[0], evals[-1]
+    keys = sorted(k for k in last if k.startswith("eval/"))
+    width = max(len(k) for k in keys)
+    lines = [f"{'metric':<{width}}  {'iter ' + str(first['iteration']):>12}  {'iter ' + str(last['iteration']):>12}"]
+    for key in keys:
+        a, b = first.get(key, math.nan), last.get(key, math.nan)
+        lines.append(f"{key:<{width}}  {a:>12.4g}  {b:>12.4g}")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+def main(cfg: DictConfig) -> float:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    resume_dir = find_resume_dir(cfg.resume, run_dir)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    trainer = Trainer(container, resume_dir or run_dir)
+    if resume_dir is not None:
+        trainer.resume()
+        print(f"resumed {resume_dir} at iteration {trainer.iteration}")
+    rows = trainer.train()
+    print(summary_table(rows))
+    print(f"run folder: {trainer.run_dir}")
+    final = [r for r in rows if "eval/train/reward" in r]
+    return final[-1]["eval/train/reward"] if final else math.nan
+
+
+if __name__ == "__main__":
+    main()
