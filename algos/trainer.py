@@ -225,13 +225,21 @@ class Trainer:
         t = self.cfg["trainer"]
         sums: dict[str, list[float]] = {}
         num_updates = 0
-        for _ in range(t["inner_epochs"]):
+        for epoch in range(t["inner_epochs"]):
             if pairs.batch_size[0] == 0:
                 break
             order = torch.randperm(pairs.batch_size[0], generator=self.shuffle_generator).to(pairs.device)
+            batches = []
             for chunk in order.chunk(t["num_minibatches"]):
                 batch = pairs[chunk]
                 batch.set("conditioning", conditioning[batch.get("sample_index")])
+                if epoch == 0 and t.get("refresh_old_policy", False):
+                    # matrix kernels round differently per batch size: recompute the old policy on
+                    # exactly these mini-batches, before any update, so first ratios are exactly 1
+                    with torch.no_grad(), self._autocast():
+                        self.loss_module.refresh_old_policy(batch)
+                batches.append(batch)
+            for batch in batches:
                 self.optimizer.zero_grad(set_to_none=True)
                 with self._autocast():
                     out = self.loss_module(batch)

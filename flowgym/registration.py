@@ -44,9 +44,11 @@ BACKENDS: dict[str, tuple[Callable[..., FlowBackend], tuple[str, ...], dict[str,
         _sd3_backend,
         (
             "model", "dtype", "device", "resolution", "lora_rank", "lora_alpha", "lora_targets",
-            "full_finetune", "max_sequence_length", "local_files_only",
+            "full_finetune", "max_sequence_length", "local_files_only", "load_t5", "trainable_dtype",
+            "gradient_checkpointing", "revision",
         ),
-        {"num_steps": 10, "shift": 3.0, "group_size": 1, "prompts": "pickscore_demo"},
+        # shift None = the model's own scheduler shift (3.0 for SD3.5)
+        {"num_steps": 10, "shift": None, "group_size": 1, "prompts": "pickscore_demo"},
     ),
     "toy": (_toy_backend, ("latent_shape", "hidden", "seed", "device"), {"num_steps": 10, "shift": 3.0, "group_size": 1}),
 }
@@ -72,10 +74,17 @@ def make_backend(name: str, **kwargs: Any) -> FlowBackend:
     return build()
 
 
+def _default_shift(env_kwargs: dict[str, Any], backend: FlowBackend) -> dict[str, Any]:
+    if env_kwargs.get("shift") is None:
+        env_kwargs["shift"] = float(getattr(backend, "scheduler_shift", 3.0))
+    return env_kwargs
+
+
 def make_env(name: str, backend: FlowBackend | None = None, **kwargs: Any) -> FlowDenoiseEnv:
     """The TorchRL ``FlowDenoiseEnv`` for a backend name, e.g. ``make_env("digits", num_prompts=8)``."""
     build, env_kwargs, _ = _split(name, dict(kwargs))
-    return FlowDenoiseEnv(backend if backend is not None else build(), **env_kwargs)
+    backend = backend if backend is not None else build()
+    return FlowDenoiseEnv(backend, **_default_shift(env_kwargs, backend))
 
 
 def _gym_factory(name: str) -> Callable[..., gym.Env]:
@@ -84,7 +93,8 @@ def _gym_factory(name: str) -> Callable[..., gym.Env]:
 
         build, env_kwargs, _ = _split(name, dict(kwargs))
         env_kwargs.pop("group_size", None)
-        return FlowDenoiseGymEnv(build, **env_kwargs)
+        backend = build()
+        return FlowDenoiseGymEnv(backend, **_default_shift(env_kwargs, backend))
 
     return make
 
@@ -97,7 +107,8 @@ def _vector_factory(name: str) -> Callable[..., gym.vector.VectorEnv]:
         build, env_kwargs, _ = _split(name, dict(kwargs))
         if "group_size" not in kwargs:
             env_kwargs["group_size"] = 1
-        return FlowDenoiseVectorEnv(build, num_envs, **env_kwargs)
+        backend = build()
+        return FlowDenoiseVectorEnv(backend, num_envs, **_default_shift(env_kwargs, backend))
 
     return make
 

@@ -136,3 +136,11 @@ def test_unknown_algo_lists_choices():
     text = str(error.value)
     for choice in ("flow_dppo", "grpo", "cps", "ppo_clip"):
         assert choice in text
+
+
+def test_refresh_old_policy_gives_exact_first_ratios(tmp_path):
+    cfg = config("trainer.iterations=1", "trainer.num_minibatches=1", "trainer.refresh_old_policy=true", "trainer.eval_every=0")
+    row = Trainer(cfg, tmp_path, progress=False).train()[-1]
+    # one optimizer step per rollout: the loss sees the policy that collected it
+    assert row["ratio_min"] == 1.0 and row["ratio_max"] == 1.0
+    assert row["kl_old_new_max"] == 0.0

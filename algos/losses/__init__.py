@@ -1,0 +1,43 @@
+"""Interchangeable policy-gradient losses over a ``flowgym.policy.FlowPolicy`` (TorchRL ``LossModule``s).
+
+``LOSSES`` maps a name to its class; ``make_loss(name, policy, **kwargs)`` builds one. Every
+loss reads the same input keys and returns the same ``loss_*`` terms and diagnostics (see
+``algos.losses.base``), and declares its default advantage estimator
+(``cls.default_advantage``, a name in ``algos.advantages.ADVANTAGES``) and, where it needs one,
+its step kernel (``cls.required_kernel``), so a trainer never branches on the loss type.
+
+A new method is one new file: subclass ``FlowPolicyLoss``, implement ``objective`` (with the
+maths in ``algos.losses.functional`` style) and decorate it with ``@register_loss("name")``.
+"""
+
+from algos.losses import functional
+from algos.losses.base import (
+    DIAGNOSTIC_KEYS,
+    LOSSES,
+    FlowPolicyLoss,
+    PolicyEvaluation,
+    get_loss_class,
+    make_loss,
+    register_loss,
+)
+from algos.losses.ppo_clip import ClippedRatioLoss, PPOClipLoss, PromptSigmaValue
+from algos.losses.grpo import GRPOLoss
+from algos.losses.cps import CPSLoss
+from algos.losses.flow_dppo import FlowDPPOLoss
+
+__all__ = [
+    "DIAGNOSTIC_KEYS",
+    "LOSSES",
+    "ClippedRatioLoss",
+    "CPSLoss",
+    "FlowDPPOLoss",
+    "FlowPolicyLoss",
+    "GRPOLoss",
+    "PPOClipLoss",
+    "PolicyEvaluation",
+    "PromptSigmaValue",
+    "functional",
+    "get_loss_class",
+    "make_loss",
+    "register_loss",
+]
