@@ -18,6 +18,7 @@ default advantage estimator, the policy supplies the kernel. Read top to bottom:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import math
 import time
@@ -131,6 +132,9 @@ class Trainer:
             log_prob_convention=a.get("log_prob_convention", "exact"),
             seed=seed + 1,
         )
+        if a.get("module"):
+            # a method defined outside algos.losses registers itself on import (one file + one yaml)
+            importlib.import_module(a["module"])
         self.loss_module = make_loss(a["name"], self.policy, **dict(a.get("loss") or {}))
         advantage_name = a.get("advantage") or self.loss_module.default_advantage
         self.advantage = make_advantage(advantage_name, **dict(a.get("advantage_kwargs") or {}))

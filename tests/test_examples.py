@@ -1,0 +1,22 @@
+"""The examples run as a user would run them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("loss, extra", [("flow_dppo", []), ("cps", ["--kernel", "cps", "--noise-level", "0.8"])])
+def test_custom_loop(loss, extra):
+    out = subprocess.run(
+        [sys.executable, "examples/custom_loop.py", "--loss", loss, "--iterations", "2", *extra],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("iter")]
+    assert len(lines) == 2 and "reward" in lines[-1] and "nan" not in lines[-1]
