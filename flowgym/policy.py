@@ -127,14 +127,16 @@ class FlowPolicy(TensorDictModuleBase):
         latent = latent.float()
         shape = (-1,) + (1,) * (latent.dim() - 1)
         mask = stochastic.reshape(shape).bool()
-        loc_ode, _ = ode_step(latent, velocity, sigma, sigma_next)
-        if self.kernel_name == "ode" or not bool(mask.any()):
-            return loc_ode, torch.zeros_like(loc_ode[(slice(None),) + (slice(0, 1),) * (latent.dim() - 1)])
+        any_stochastic = self.kernel_name != "ode" and bool(mask.any())
+        if not any_stochastic:
+            loc_ode, _ = ode_step(latent, velocity, sigma, sigma_next)
+            return loc_ode, latent.new_zeros((latent.shape[0],) + (1,) * (latent.dim() - 1))
         loc_sde, std = self.kernel(latent, velocity, sigma, sigma_next, self.noise_level)
         std = std.expand(latent.shape[0], *([1] * (latent.dim() - 1)))
-        loc = torch.where(mask, loc_sde, loc_ode)
-        scale = torch.where(mask, std, torch.zeros_like(std))
-        return loc, scale
+        if bool(mask.all()):  # the usual case: the whole batch sits at the same stochastic step
+            return loc_sde, std
+        loc_ode, _ = ode_step(latent, velocity, sigma, sigma_next)
+        return torch.where(mask, loc_sde, loc_ode), torch.where(mask, std, torch.zeros_like(std))
 
     def log_prob(self, action: Tensor, loc: Tensor, scale: Tensor, stochastic: Tensor) -> Tensor:
         """Float32 log-density per sample (reduced by ``self.reduce``); 0 on ODE rows.

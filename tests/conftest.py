@@ -1,0 +1,17 @@
+"""Shared pytest configuration: a modest hypothesis profile so the suite stays fast.
+
+Select another profile with ``HYPOTHESIS_PROFILE=thorough pytest``.
+"""
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "flowgym",
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("thorough", max_examples=300, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "flowgym"))
