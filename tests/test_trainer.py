@@ -27,6 +27,7 @@ SMALL = [
     "env.num_prompts=2",
     "env.group_size=4",
     "env.num_steps=4",
+    "env.stochastic_steps=[0,1]",
     "env.eval_samples_per_prompt=1",
     "trainer.eval_every=2",
     "trainer.checkpoint_every=2",
