@@ -86,7 +86,12 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
         if e["group_size"] < 2:
             raise ValueError(f"advantage {advantage!r} is group-relative and needs env.group_size >= 2; got {e['group_size']}")
     stochastic = stochastic_step_mask(e["stochastic_steps"], e["num_steps"], torch.Generator().manual_seed(0))
-    pairs = e["num_prompts"] * e["group_size"] * int(stochastic.sum())
+    for key in ("rollout_batches",):
+        if key in t:
+            positive(t, key, "trainer", integer=True)
+    if t.get("micro_batch_size") is not None:
+        positive(t, "micro_batch_size", "trainer", integer=True)
+    pairs = e["num_prompts"] * e["group_size"] * int(stochastic.sum()) * int(t.get("rollout_batches", 1))
     if pairs == 0:
         raise ValueError("env.stochastic_steps leaves no stochastic step to train on")
     if pairs % t["num_minibatches"]:
@@ -190,7 +195,27 @@ class Trainer:
     # ------------------------------------------------------------------ 1. rollout
     @torch.no_grad()
     def collect(self) -> dict[str, Any]:
-        """One batched episode with the stochastic policy; returns the trajectory and rewards."""
+        """``trainer.rollout_batches`` batched episodes with the stochastic policy, concatenated.
+
+        Each episode holds whole groups, so group-relative advantages see complete groups; several
+        episodes per iteration give a large rollout (48 prompts x 24 samples) at a batch that fits.
+        """
+        episodes = [self._collect_episode() for _ in range(int(self.cfg["trainer"].get("rollout_batches", 1)))]
+        if len(episodes) == 1:
+            return episodes[0]
+        offset = self.env.num_prompts
+        drift = [e["drift_kl"] for e in episodes]
+        return {
+            "drift_kl": sum(drift) / len(drift),
+            "trajectory": torch.cat([e["trajectory"] for e in episodes], dim=0),
+            "conditioning": torch.cat([e["conditioning"] for e in episodes], dim=0),
+            "reward": torch.cat([e["reward"] for e in episodes]),
+            "reward_terms": {k: torch.cat([e["reward_terms"][k] for e in episodes]) for k in episodes[0]["reward_terms"]},
+            "prompts": [p for e in episodes for p in e["prompts"]],
+            "group_id": torch.cat([e["group_id"] + i * offset for i, e in enumerate(episodes)]),
+        }
+
+    def _collect_episode(self) -> dict[str, Any]:
         td = self.env.reset()
         conditioning = td.get("conditioning")
         steps, drift = [], []
@@ -233,22 +258,32 @@ class Trainer:
             if pairs.batch_size[0] == 0:
                 break
             order = torch.randperm(pairs.batch_size[0], generator=self.shuffle_generator).to(pairs.device)
+            micro = t.get("micro_batch_size") or pairs.batch_size[0]
             batches = []
             for chunk in order.chunk(t["num_minibatches"]):
-                batch = pairs[chunk]
-                batch.set("conditioning", conditioning[batch.get("sample_index")])
-                if epoch == 0 and t.get("refresh_old_policy", False):
-                    # matrix kernels round differently per batch size: recompute the old policy on
-                    # exactly these mini-batches, before any update, so first ratios are exactly 1
-                    with torch.no_grad(), self._autocast():
-                        self.loss_module.refresh_old_policy(batch)
-                batches.append(batch)
-            for batch in batches:
+                pieces = []
+                for piece in chunk.split(micro):  # gradient accumulation over micro-batches
+                    batch = pairs[piece]
+                    batch.set("conditioning", conditioning[batch.get("sample_index")])
+                    if epoch == 0 and t.get("refresh_old_policy", False):
+                        # matrix kernels round differently per batch size: recompute the old policy on
+                        # exactly these batches, before any update, so the first ratios are exactly 1
+                        with torch.no_grad(), self._autocast():
+                            self.loss_module.refresh_old_policy(batch)
+                    pieces.append(batch)
+                batches.append(pieces)
+            for pieces in batches:
                 self.optimizer.zero_grad(set_to_none=True)
-                with self._autocast():
-                    out = self.loss_module(batch)
-                loss = sum(v for k, v in out.items() if k.startswith("loss_"))
-                loss.backward()
+                total = sum(piece.batch_size[0] for piece in pieces)
+                for batch in pieces:
+                    with self._autocast():
+                        out = self.loss_module(batch)
+                    loss = sum(v for k, v in out.items() if k.startswith("loss_"))
+                    # each micro-batch's mean loss weighted by its share: the mini-batch mean
+                    (loss * (batch.batch_size[0] / total)).backward()
+                    for key, value in out.items():
+                        if value.numel() == 1:
+                            sums.setdefault(key, []).append(float(value.detach()))
                 if t["max_grad_norm"] is not None:
                     grad_norm = torch.nn.utils.clip_grad_norm_(self._all_params(), t["max_grad_norm"])
                     sums.setdefault("grad_norm", []).append(float(grad_norm))
@@ -256,9 +291,6 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.update()
                 num_updates += 1
-                for key, value in out.items():
-                    if value.numel() == 1:
-                        sums.setdefault(key, []).append(float(value.detach()))
         stats = {}
         for key, values in sums.items():
             finite = [v for v in values if not math.isnan(v)]
@@ -310,26 +342,43 @@ class Trainer:
         return gaussian_kl(loc_now, loc_ref, std).mean()
 
     def _evaluate_prompts(self, split: str, prompts: list[str]) -> dict[str, float]:
-        env = FlowDenoiseEnv(
-            self.backend, num_prompts=1, group_size=len(prompts), num_steps=self.env.num_steps,
-            shift=self.env.shift, prompts=prompts, rewards=self.env.rewards, stochastic_steps="none",
-            device=self.device, seed=int(self.cfg["seed"]) + 1000,
-        )
-        request = TensorDict({}, batch_size=env.batch_size, device=self.device)
-        request.set("prompt", NonTensorStack(*prompts, batch_size=env.batch_size))
-        td = env.reset(request)
-        drift = []
-        for k in range(env.num_steps):
-            with self._autocast():
-                td = self.policy(td)
-            if k < env.num_steps - 1:
-                drift.append(self.drift_kl(td))
-            td = env.step(td).get("next")
-        out = {f"eval/{split}/reward": float(td.get("reward").mean())}
-        for name, value in td.get("reward_terms").items():
-            out[f"eval/{split}/{name}"] = float(value.mean())
+        """ODE samples for ``prompts`` in chunks of ``trainer.eval_batch_size``; metrics over all of them."""
+        t = self.cfg["trainer"]
+        num_steps = int(t.get("eval_num_steps") or self.env.num_steps)
+        chunk = int(t.get("eval_batch_size") or len(prompts))
+        guidance = t.get("eval_guidance_scale")
+        previous_guidance = self.policy.guidance_scale
+        rewards, terms, images, drift = [], {}, [], []
+        try:
+            if guidance is not None:
+                self.policy.guidance_scale = float(guidance)
+            for start in range(0, len(prompts), chunk):
+                part = prompts[start : start + chunk]
+                env = FlowDenoiseEnv(
+                    self.backend, num_prompts=1, group_size=len(part), num_steps=num_steps,
+                    shift=self.env.shift, prompts=part, rewards=self.env.rewards, stochastic_steps="none",
+                    device=self.device, seed=int(self.cfg["seed"]) + 1000 + start,
+                )
+                request = TensorDict({}, batch_size=env.batch_size, device=self.device)
+                request.set("prompt", NonTensorStack(*part, batch_size=env.batch_size))
+                td = env.reset(request)
+                for k in range(env.num_steps):
+                    with self._autocast():
+                        td = self.policy(td)
+                    if k < env.num_steps - 1:
+                        drift.append(self.drift_kl(td))
+                    td = env.step(td).get("next")
+                rewards.append(td.get("reward").reshape(-1))
+                for name, value in td.get("reward_terms").items():
+                    terms.setdefault(name, []).append(value.reshape(-1))
+                images.append(env.last_images)
+        finally:
+            self.policy.guidance_scale = previous_guidance
+        out = {f"eval/{split}/reward": float(torch.cat(rewards).mean())}
+        for name, values in terms.items():
+            out[f"eval/{split}/{name}"] = float(torch.cat(values).mean())
         out[f"eval/{split}/drift_kl"] = float(torch.stack(drift).mean()) if drift else 0.0
-        for name, value in prior_capability(self.backend.name, env.last_images, prompts).items():
+        for name, value in prior_capability(self.backend.name, torch.cat(images), prompts).items():
             out[f"eval/{split}/{name}"] = float(value)
         return out
 

@@ -15,3 +15,9 @@ settings.register_profile(
 )
 settings.register_profile("thorough", max_examples=300, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "flowgym"))
+
+# one intra-op thread per test process: the models under test are tiny, and two threads on two
+# shared cores oversubscribe (measured 10-100x slowdowns when other processes also run)
+import torch  # noqa: E402
+
+torch.set_num_threads(1)

@@ -260,7 +260,9 @@ def test_published_recipes_compose(experiment):
     a, e, t = cfg["algo"], cfg["env"], cfg["trainer"]
     assert (a["name"], a["kernel"], a["noise_level"], a["guidance_scale"]) == (algo, kernel, noise, guidance)
     assert {k: a["loss"][k] for k in loss} == loss
-    assert (e["name"], e["group_size"], e["num_prompts"], e["num_steps"]) == ("sd3", group, prompts, 10)
+    groups = e["num_prompts"] * t["rollout_batches"]
+    assert (e["name"], e["group_size"], groups, e["num_steps"]) == ("sd3", group, prompts, 10)
+    assert (t["eval_num_steps"], t["eval_guidance_scale"]) == (40, 4.5)
     assert e["stochastic_steps"] == stochastic and e["shift"] is None
     b = e["backend"]
     assert (b["model"], b["resolution"], b["lora_rank"], b["lora_alpha"]) == (
