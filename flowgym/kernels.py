@@ -51,7 +51,7 @@ StepKernel = Callable[[Tensor, Tensor, Sigma, Sigma, float], "tuple[Tensor, Tens
 
 
 # --------------------------------------------------------------------------- validation helpers
-def _as_sigma(value: Sigma, x: Tensor, name: str) -> Tensor:
+def _as_sigma(value: Sigma, x: Tensor, name: str, check: bool = True) -> Tensor:
     """Return ``value`` as a float32 tensor of shape ``(B, 1, ..., 1)`` (or 0-d for a scalar).
 
     Accepts a Python float, a 0-d tensor or a per-sample tensor of shape ``(B,)`` (or already
@@ -66,7 +66,8 @@ def _as_sigma(value: Sigma, x: Tensor, name: str) -> Tensor:
                 f"({x.shape[0]},); got shape {tuple(t.shape)} for latents of shape {tuple(x.shape)}"
             )
         t = t.reshape(x.shape[0], *([1] * (x.dim() - 1)))
-    if not bool(torch.isfinite(t).all()) or bool((t < 0).any()) or bool((t > 1).any()):
+    # one reduction (one device sync): NaN fails both comparisons, +-inf fails one
+    if check and not bool(((t >= 0) & (t <= 1)).all()):
         raise ValueError(f"{name} must lie in [0, 1]; got {value}")
     return t
 
@@ -83,9 +84,12 @@ def _prepare_step(
         raise ValueError(f"x must be batched, shape (B, ...); got shape {tuple(x.shape)}")
     if not (isinstance(noise_level, (int, float)) and math.isfinite(noise_level) and noise_level >= 0):
         raise ValueError(f"noise_level must be a finite float >= 0; got {noise_level!r}")
-    s = _as_sigma(sigma, x, "sigma")
-    s_next = _as_sigma(sigma_next, x, "sigma_next")
-    if bool((s_next >= s).any()):
+    s = _as_sigma(sigma, x, "sigma", check=False)
+    s_next = _as_sigma(sigma_next, x, "sigma_next", check=False)
+    # every sigma check in one reduction (a single device sync per step); diagnose on failure
+    if not bool(((s <= 1) & (s_next >= 0) & (s_next < s)).all()):
+        _as_sigma(sigma, x, "sigma")
+        _as_sigma(sigma_next, x, "sigma_next")
         raise ValueError(
             "sigma_next must be strictly smaller than sigma (denoising walks a decreasing "
             f"schedule); got sigma={sigma}, sigma_next={sigma_next}"
@@ -239,7 +243,7 @@ def _reduce(per_element: Tensor, reduce: str) -> Tensor:
 
 def _checked_std(std: Tensor | float, like: Tensor, name: str = "std") -> Tensor:
     std = torch.as_tensor(std, dtype=torch.float32, device=like.device)
-    if bool((std <= 0).any()) or not bool(torch.isfinite(std).all()):
+    if not bool(((std > 0) & torch.isfinite(std)).all()):  # one reduction, one device sync
         raise ValueError(
             f"{name} must be finite and > 0 for a log-probability or KL; got a zero or invalid "
             "std (noise level 0 / an ODE step has no density: never train on deterministic steps)"

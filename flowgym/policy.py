@@ -127,13 +127,13 @@ class FlowPolicy(TensorDictModuleBase):
         latent = latent.float()
         shape = (-1,) + (1,) * (latent.dim() - 1)
         mask = stochastic.reshape(shape).bool()
-        any_stochastic = self.kernel_name != "ode" and bool(mask.any())
-        if not any_stochastic:
+        num_stochastic = int(mask.sum()) if self.kernel_name != "ode" else 0  # one device sync
+        if num_stochastic == 0:
             loc_ode, _ = ode_step(latent, velocity, sigma, sigma_next)
             return loc_ode, latent.new_zeros((latent.shape[0],) + (1,) * (latent.dim() - 1))
         loc_sde, std = self.kernel(latent, velocity, sigma, sigma_next, self.noise_level)
         std = std.expand(latent.shape[0], *([1] * (latent.dim() - 1)))
-        if bool(mask.all()):  # the usual case: the whole batch sits at the same stochastic step
+        if num_stochastic == latent.shape[0]:  # the usual case: the whole batch sits at the same stochastic step
             return loc_sde, std
         loc_ode, _ = ode_step(latent, velocity, sigma, sigma_next)
         return torch.where(mask, loc_sde, loc_ode), torch.where(mask, std, torch.zeros_like(std))

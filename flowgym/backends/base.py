@@ -103,7 +103,15 @@ class FlowBackend(nn.Module):
                 )
             for i, prompt in enumerate(missing):
                 self._prompt_cache[prompt] = encoded[i].clone()
-        return torch.stack([self._prompt_cache[p] for p in prompts], dim=0)
+        # stack each distinct prompt once and gather rows: stacking B per-prompt tensordicts costs
+        # more than a small model's forward at batch 256
+        distinct = list(dict.fromkeys(prompts))
+        rows = {prompt: i for i, prompt in enumerate(distinct)}
+        stacked = torch.stack([self._prompt_cache[p] for p in distinct], dim=0)
+        if len(distinct) == len(prompts):
+            return stacked
+        index = torch.tensor([rows[p] for p in prompts], device=stacked.device)
+        return stacked[index]
 
     def clear_prompt_cache(self) -> None:
         self._prompt_cache.clear()
