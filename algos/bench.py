@@ -1,0 +1,403 @@
+"""The benchmark harness: trust-region methods side by side on the embedded digits task, with plots.
+
+::
+
+    python -m algos.bench SUITE [--seeds 3] [--jobs 2] [--out benchmarks/results] [--quick]
+    python -m algos.bench all                              # every suite below (about 45 min on 2 cores)
+    python -m algos.bench quick --out /tmp/bench           # a tiny version of all (about a minute)
+    python -m algos.bench compare --algos drpo,flow_dppo   # any registered methods, default configs
+
+Suites (``algos.bench_suites``): ``frontier`` (reward against drift KL from the pretrained model
+while sweeping the clip range / the divergence threshold), ``reuse`` (1, 2, 4 inner epochs on
+full and half rollouts), ``multiobjective`` (weighted-sum versus GDPO advantages on two
+conflicting rewards), ``forgetting`` (held-out accuracy and sample quality over training),
+``ratio_noise`` (the single-sample log-ratio against the exact per-step KL) and ``compare``.
+
+How it works
+------------
+* A run is one resolved Hydra config (``configs/``, composed with the suite's overrides) and a seed;
+  its cache key is the SHA-256 of that config (plus the job kind and its parameters). Finished
+  runs live in ``--cache`` (``bench_cache/`` by default, git-ignored) as
+  ``<key>/{job.json, metrics.jsonl, done.json}``; a run whose ``done.json`` exists and whose
+  metrics reach the configured last iteration is never run again (``--fresh`` ignores the cache).
+  Runs shared between suites (the default settings appear in several) are run once.
+* Missing runs go to a ``ProcessPoolExecutor`` of ``--jobs`` spawned workers, one torch thread each,
+  longest first; each calls ``algos.trainer.Trainer(cfg, run_dir, progress=False).train()``.
+* Every suite then writes ``<out>/<suite>.md`` (tables, mean +- std over seeds), ``<out>/<suite>.json``
+  (the same numbers, machine-readable) and ``<out>/<suite>_*.png`` plots. ``--quick`` shrinks
+  every suite (and writes under ``<out>/quick/``) so it never overwrites full results.
+Every method is evaluated identically (``Trainer.evaluate``: ODE sampling on the train and the
+held-out prompts, the same samples per prompt and the same evaluation iterations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import hashlib
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+__all__ = [
+    "BenchOptions",
+    "Job",
+    "RunResult",
+    "compose_config",
+    "job_key",
+    "is_complete",
+    "run_jobs",
+    "run_suite",
+    "machine_info",
+    "main",
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+#: bump when the meaning of a cached result changes (invalidates every cached run)
+CACHE_VERSION = 1
+
+
+# --------------------------------------------------------------------------- options and jobs
+@dataclass
+class BenchOptions:
+    """What a suite is built from: seeds, size, the methods of ``compare`` and extra overrides."""
+
+    seeds: int = 3
+    quick: bool = False
+    algos: tuple[str, ...] = ("flow_dppo", "grpo")
+    overrides: tuple[str, ...] = ()  # applied to every run, after the suite's own
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.seeds, int) or self.seeds < 1:
+            raise ValueError(f"seeds must be a positive integer; got {self.seeds!r}")
+        if not self.algos:
+            raise ValueError("algos must name at least one registered loss (e.g. flow_dppo,grpo)")
+
+
+@dataclass
+class Job:
+    """One unit of work: ``kind`` "train" (a Trainer run) or "ratio_noise" (the ratio probe)."""
+
+    kind: str
+    config: dict[str, Any]
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return job_key(self)
+
+    def cost(self) -> float:
+        """A rough relative cost (for scheduling the longest jobs first)."""
+        t, e = self.config["trainer"], self.config["env"]
+        per_iteration = (1.0 + 0.6 * (t["inner_epochs"] - 1)) * e["num_prompts"] * e["group_size"]
+        iterations = t["iterations"] if self.kind == "train" else self.params.get("warmup", 1) + 1
+        return per_iteration * iterations * e["num_steps"]
+
+
+@dataclass
+class RunResult:
+    """A finished job: ``rows`` (metric rows of a training run) or ``result`` (a probe's output)."""
+
+    key: str
+    seed: int
+    wall_s: float
+    cached: bool
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+def compose_config(algo: str, overrides: Sequence[str] = (), seed: int = 0) -> dict[str, Any]:
+    """The resolved config dict of ``configs/config.yaml`` with ``algo=<algo>``, ``overrides`` and ``seed``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"algo={algo}", *overrides, f"seed={seed}"])
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def job_key(job: Job) -> str:
+    """SHA-256 (first 16 hex digits) of the job's kind, resolved config and parameters."""
+    payload = json.dumps(
+        {"version": CACHE_VERSION, "kind": job.kind, "config": job.config, "params": job.params},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- the cache
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rows.append(json.loads(line))
+    return rows
+
+
+def is_complete(run_dir: Path, job: Job) -> bool:
+    """True when ``run_dir`` holds the finished result of ``job`` (marker, same job, all iterations)."""
+    done, spec = run_dir / "done.json", run_dir / "job.json"
+    if not (done.exists() and spec.exists()):
+        return False
+    try:
+        stored = json.loads(spec.read_text())
+    except json.JSONDecodeError:
+        return False
+    if stored.get("kind") != job.kind or stored.get("config") != json.loads(json.dumps(job.config)) or stored.get("params") != json.loads(json.dumps(job.params)):
+        return False
+    if job.kind == "train":
+        metrics = run_dir / "metrics.jsonl"
+        if not metrics.exists():
+            return False
+        rows = _read_rows(metrics)
+        t = job.config["trainer"]
+        if not rows or rows[-1]["iteration"] != t["iterations"]:
+            return False
+        if t.get("eval_every") and "eval/train/reward" not in rows[-1]:
+            return False
+        return True
+    return (run_dir / "result.json").exists()
+
+
+def load_result(run_dir: Path, job: Job, cached: bool) -> RunResult:
+    done = json.loads((run_dir / "done.json").read_text())
+    result = RunResult(key=job.key, seed=int(job.config["seed"]), wall_s=float(done["wall_s"]), cached=cached)
+    if job.kind == "train":
+        result.rows = _read_rows(run_dir / "metrics.jsonl")
+    else:
+        result.result = json.loads((run_dir / "result.json").read_text())
+    return result
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- workers
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def execute_job(kind: str, config: dict[str, Any], params: dict[str, Any], run_dir: str) -> float:
+    """Run one job into ``run_dir`` (cleared first) and write its ``done.json``; returns its wall time."""
+    directory = Path(run_dir)
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    _atomic_write(directory / "job.json", json.dumps({"kind": kind, "config": config, "params": params}, sort_keys=True, indent=1))
+    start = time.perf_counter()
+    if kind == "train":
+        from algos.trainer import Trainer
+
+        Trainer(config, directory, progress=False).train()
+    elif kind == "ratio_noise":
+        from algos.bench_ratio_noise import ratio_noise_probe
+
+        result = ratio_noise_probe(config, directory / "work", **params)
+        _atomic_write(directory / "result.json", json.dumps(result))
+        shutil.rmtree(directory / "work", ignore_errors=True)
+    else:
+        raise ValueError(f"unknown job kind {kind!r}; accepted: train, ratio_noise")
+    wall = time.perf_counter() - start
+    _atomic_write(directory / "done.json", json.dumps({"wall_s": wall, "finished": time.time()}))
+    return wall
+
+
+def run_jobs(
+    jobs: Sequence[Job],
+    cache: Path,
+    *,
+    num_workers: int = 2,
+    fresh: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, RunResult]:
+    """Run every job not already complete in ``cache`` (``num_workers`` processes); results by key.
+
+    Jobs with equal keys are run once. ``num_workers=1`` runs in this process (one torch thread).
+    Raises ``RuntimeError`` listing the failed jobs after all the others finished.
+    """
+    if num_workers < 1:
+        raise ValueError(f"jobs must be >= 1; got {num_workers}")
+    cache.mkdir(parents=True, exist_ok=True)
+    unique: dict[str, Job] = {}
+    for job in jobs:
+        unique.setdefault(job.key, job)
+    results: dict[str, RunResult] = {}
+    todo = []
+    for key, job in unique.items():
+        if not fresh and is_complete(cache / key, job):
+            results[key] = load_result(cache / key, job, cached=True)
+        else:
+            todo.append(job)
+    todo.sort(key=lambda j: -j.cost())
+    log(f"[bench] {len(unique)} runs: {len(results)} cached, {len(todo)} to run on {num_workers} worker(s)")
+    failures: list[str] = []
+    start = time.perf_counter()
+
+    def finished(job: Job, error: BaseException | None) -> None:
+        if error is not None:
+            failures.append(f"{_describe(job)}: {type(error).__name__}: {error}")
+            log(f"[bench] FAILED {_describe(job)}: {error}")
+            return
+        results[job.key] = load_result(cache / job.key, job, cached=False)
+        done = sum(1 for r in results.values() if not r.cached)
+        log(f"[bench] {done}/{len(todo)} {_describe(job)} {results[job.key].wall_s:.1f} s (elapsed {time.perf_counter() - start:.0f} s)")
+
+    if num_workers == 1 or len(todo) <= 1:
+        _worker_init()
+        for job in todo:
+            try:
+                execute_job(job.kind, job.config, job.params, str(cache / job.key))
+                finished(job, None)
+            except Exception as error:  # noqa: BLE001 - reported with the others
+                finished(job, error)
+    elif todo:
+        context = multiprocessing.get_context("spawn")
+        with futures.ProcessPoolExecutor(max_workers=num_workers, mp_context=context, initializer=_worker_init) as pool:
+            pending = {pool.submit(execute_job, j.kind, j.config, j.params, str(cache / j.key)): j for j in todo}
+            for future in futures.as_completed(pending):
+                finished(pending[future], future.exception())
+    if failures:
+        raise RuntimeError(f"{len(failures)} benchmark run(s) failed:\n" + "\n".join(failures))
+    return results
+
+
+def _describe(job: Job) -> str:
+    a, t = job.config["algo"], job.config["trainer"]
+    loss = ",".join(f"{k}={v}" for k, v in sorted((a.get("loss") or {}).items()) if k in ("clip_range", "delta"))
+    return (
+        f"{job.kind} {a['name']}[{loss}] adv={a.get('advantage')} epochs={t['inner_epochs']} "
+        f"P={job.config['env']['num_prompts']} seed={job.config['seed']} ({job.key})"
+    )
+
+
+# --------------------------------------------------------------------------- machine
+def machine_info() -> dict[str, str]:
+    """The machine the numbers were measured on (CPU, cores, torch, python)."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+    }
+
+
+# --------------------------------------------------------------------------- suites
+def run_suite(
+    name: str,
+    options: BenchOptions,
+    *,
+    out: Path,
+    cache: Path,
+    num_workers: int = 2,
+    fresh: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Build, run (with caching) and report suite ``name`` (``all`` and ``quick`` expand to several).
+
+    Returns ``{"suites": [names], "reports": {name: report dict}, "runs": {"total", "executed",
+    "cached"}, "wall_s": seconds}``; the reports are also written under ``out``.
+    """
+    from algos import bench_suites
+
+    if name == "quick":
+        name, options = "all", BenchOptions(**{**options.__dict__, "quick": True})
+    names = bench_suites.expand(name)
+    out = out / "quick" if options.quick else out
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    built = {n: bench_suites.SUITES[n].build(options) for n in names}
+    jobs = [job for points in built.values() for point in points for job in point.jobs]
+    results = run_jobs(jobs, cache, num_workers=num_workers, fresh=fresh, log=log)
+    run_wall = time.perf_counter() - start
+    executed = sum(1 for r in results.values() if not r.cached)
+    reports = {}
+    machine = machine_info()
+    for n in names:
+        suite = bench_suites.SUITES[n]
+        data = bench_suites.SuiteData(suite=suite, options=options, points=built[n], results=results)
+        reports[n] = suite.write_report(data, out, machine=machine, command=_command_line(), run_wall_s=run_wall)
+        log(f"[bench] wrote {out / (n + '.md')}")
+    summary = {
+        "suites": names,
+        "reports": reports,
+        "runs": {"total": len(results), "executed": executed, "cached": len(results) - executed},
+        "wall_s": time.perf_counter() - start,
+        "out": str(out),
+    }
+    if len(names) > 1:
+        index = [f"# Benchmark suites: {', '.join(names)}", ""]
+        run_minutes = sum(r.wall_s for r in results.values()) / 60
+        index.append(f"{summary['runs']['total']} runs ({executed} executed by this call, {summary['runs']['cached']} from cache); "
+                     f"this call took {summary['wall_s'] / 60:.1f} min; the runs' own times add up to {run_minutes:.1f} min "
+                     f"(run {max(num_workers, 1)} at a time). Command: `{_command_line()}`.")
+        index += ["", *[f"- [{n}]({n}.md): {bench_suites.SUITES[n].title}" for n in names], ""]
+        (out / "index.md").write_text("\n".join(index))
+    log(f"[bench] done: {summary['runs']} in {summary['wall_s'] / 60:.1f} min")
+    return summary
+
+
+def _command_line() -> str:
+    argv = sys.argv[1:] if Path(sys.argv[0]).name in ("bench.py", "__main__.py") or sys.argv[0].endswith("algos.bench") else None
+    if argv is None:
+        return "python -m algos.bench (called from Python)"
+    return "python -m algos.bench " + " ".join(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    from algos import bench_suites
+
+    parser = argparse.ArgumentParser(prog="python -m algos.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("suite", choices=sorted([*bench_suites.SUITES, "all", "quick"]), help="which suite to run")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per point (default 3; 2 with --quick)")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="report folder")
+    parser.add_argument("--cache", type=Path, default=ROOT / "bench_cache", help="finished runs (reused across calls)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test); reports go to OUT/quick/")
+    parser.add_argument("--algos", default="flow_dppo,grpo", help="comma-separated losses for the compare suite")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra Hydra override for every run (repeatable), e.g. --set trainer.iterations=60")
+    parser.add_argument("--device", default="cpu", help="device of every run (cpu, cuda, auto)")
+    parser.add_argument("--fresh", action="store_true", help="ignore cached runs and run everything again")
+    args = parser.parse_args(argv)
+    quick = args.quick or args.suite == "quick"
+    seeds = args.seeds if args.seeds is not None else (2 if quick else 3)
+    options = BenchOptions(
+        seeds=seeds, quick=quick, algos=tuple(a.strip() for a in args.algos.split(",") if a.strip()),
+        overrides=tuple(args.overrides), device=args.device,
+    )
+    return run_suite(args.suite, options, out=args.out, cache=args.cache, num_workers=args.jobs, fresh=args.fresh)
+
+
+if __name__ == "__main__":
+    main()
