@@ -185,6 +185,10 @@ class Trainer:
             elif name == "tensorboard":
                 loggers.append(TensorboardLogger(exp_name="tensorboard", log_dir=str(self.run_dir / "logs")))
             elif name == "wandb":
+                import importlib.util
+
+                if importlib.util.find_spec("wandb") is None:
+                    raise ValueError("logger backend 'wandb' needs the wandb package: pip install wandb")
                 from torchrl.record.loggers import WandbLogger
 
                 loggers.append(WandbLogger(exp_name=cfg.get("wandb_name", "flowgym"), project=cfg.get("wandb_project", "flowgym"), save_dir=str(self.run_dir)))

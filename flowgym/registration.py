@@ -105,7 +105,8 @@ def _vector_factory(name: str) -> Callable[..., gym.vector.VectorEnv]:
 
         kwargs.pop("render_mode", None)
         build, env_kwargs, _ = _split(name, dict(kwargs))
-        if "group_size" not in kwargs:
+        if "group_size" not in kwargs and num_envs % env_kwargs.get("group_size", 1):
+            # the registered group size (8 for digits) when it divides num_envs, else groups of 1
             env_kwargs["group_size"] = 1
         backend = build()
         return FlowDenoiseVectorEnv(backend, num_envs, **_default_shift(env_kwargs, backend))

@@ -182,3 +182,13 @@ def test_chunked_evaluation_matches_whole(tmp_path):
     # same prompts, same pretrained model; the initial noise differs per chunk, so compare loosely
     assert abs(whole["eval/train/digit_accuracy"] - chunked_metrics["eval/train/digit_accuracy"]) <= 0.5
     assert chunked_metrics["eval/train/drift_kl"] == 0.0
+
+
+def test_unknown_or_missing_logger_backend_is_a_clear_error(tmp_path):
+    import importlib.util
+
+    with pytest.raises(ValueError, match="unknown logger backend 'mlflow'; accepted: csv, tensorboard, wandb"):
+        Trainer(config("logger.backends=[mlflow]"), tmp_path, progress=False)
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(ValueError, match="pip install wandb"):
+            Trainer(config("logger.backends=[wandb]"), tmp_path, progress=False)
