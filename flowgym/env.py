@@ -3,8 +3,9 @@
 One episode is one image generation: K denoising steps over a batch of B = prompts x group size
 latents, all stepping together on one device.
 
-* reset: draws ``num_prompts`` prompts from the prompt list (or takes them from the input
-  tensordict's ``prompt`` entry), repeats each ``group_size`` times (a GRPO group), draws the initial
+* reset: draws ``num_prompts`` prompts from the prompt list (without replacement when the list is
+  long enough, with replacement otherwise; or takes them from the input tensordict's ``prompt``
+  entry), repeats each ``group_size`` times (a GRPO group), draws the initial
   noise from the env's seeded generator (optionally shared within a group) and chooses which steps
   are stochastic this episode;
 * observation: ``latent``, ``step``, ``sigma``, ``sigma_next``, ``stochastic``, ``prompt`` (text),
