@@ -33,6 +33,7 @@ from torchrl.data import Bounded, Categorical, Composite, NonTensor, Unbounded
 from torchrl.envs import EnvBase
 
 from flowgym.backends.base import FlowBackend
+from flowgym.backends.prompts import load_prompts
 from flowgym.rewards import RewardComposer
 from flowgym.schedules import make_sigmas
 
@@ -42,22 +43,11 @@ StochasticSpec = str | Sequence[int] | Mapping[str, object]
 
 
 def resolve_prompts(backend: FlowBackend, prompts: str | Sequence[str]) -> list[str]:
-    """A list of prompts from a list, a ``.txt`` file (one prompt a line) or a named prompt set."""
-    if isinstance(prompts, (str, Path)):
-        text = str(prompts)
-        if text.endswith(".txt"):
-            path = Path(text)
-            if not path.is_file():
-                raise ValueError(f"prompt file {text!r} does not exist")
-            lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-            if not lines:
-                raise ValueError(f"prompt file {text!r} holds no prompts")
-            return lines
-        return backend.resolve_prompt_set(text)
-    prompts = [str(p) for p in prompts]
-    if not prompts:
-        raise ValueError("prompts must be a non-empty list, a .txt file or a prompt-set name")
-    return prompts
+    """A list of prompts from a prompt-set name of ``backend``, a ``.txt`` file (one prompt a
+    line) or a list; files and lists are read and checked by ``flowgym.backends.prompts.load_prompts``."""
+    if isinstance(prompts, str) and not (prompts.endswith(".txt") or Path(prompts).is_file()):
+        return backend.resolve_prompt_set(prompts)  # unknown names list the backend's sets
+    return load_prompts(prompts)
 
 
 def stochastic_step_mask(spec: StochasticSpec, num_steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
