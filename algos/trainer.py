@@ -38,7 +38,7 @@ from flowgym.metrics import prior_capability
 from flowgym.policy import FlowPolicy
 from flowgym.registration import make_env
 
-__all__ = ["Trainer", "TrainerConfig", "validate_config"]
+__all__ = ["Trainer", "validate_config"]
 
 #: the kernel and noise level at which drift KL is measured, the same for every algorithm
 DRIFT_KERNEL_NOISE = 0.7
@@ -86,9 +86,8 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
         if e["group_size"] < 2:
             raise ValueError(f"advantage {advantage!r} is group-relative and needs env.group_size >= 2; got {e['group_size']}")
     stochastic = stochastic_step_mask(e["stochastic_steps"], e["num_steps"], torch.Generator().manual_seed(0))
-    for key in ("rollout_batches",):
-        if key in t:
-            positive(t, key, "trainer", integer=True)
+    if "rollout_batches" in t:
+        positive(t, "rollout_batches", "trainer", integer=True)
     if t.get("micro_batch_size") is not None:
         positive(t, "micro_batch_size", "trainer", integer=True)
     pairs = e["num_prompts"] * e["group_size"] * int(stochastic.sum()) * int(t.get("rollout_batches", 1))
@@ -501,5 +500,3 @@ class Trainer:
         self.iteration = int(state["iteration"])
         return True
 
-
-TrainerConfig = Mapping[str, Any]
