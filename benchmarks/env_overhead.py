@@ -1,14 +1,27 @@
 """Rollout overhead of the environment: whole rollout time / bare backend forward time.
 
-For full rollouts at each batch size it times, side by side in one run:
+For full rollouts at each batch size it times, side by side in one run (repeats interleaved,
+medians reported):
 
-* bare: the K velocity forwards the rollout needs (``backend.velocity`` on the same batch), nothing else;
-* rollout: ``env.reset()`` then K x (``policy(td)`` + ``env.step(td)``), i.e. env + policy + kernel maths
-  + reward at the end.
+* bare: the K velocity forwards a rollout needs (``backend.velocity`` on the same batch), nothing else;
+* rollout: ``env.rollout(env.num_steps, policy)`` -- reset, K policy steps with noise, kernel and
+  log-prob, the terminal decode and reward, and the ``[B, K]`` trajectory (TorchRL's layout),
+  through the fused path ``FlowDenoiseEnv.rollout`` takes for a ``FlowPolicy``. Timed with the
+  ``ink`` reward (two tensor ops), so that the env's own work is measured rather than a reward model;
+* stepwise: ``env.reset()`` then K x ``env.step(policy(td))``, TorchRL's per-step API (what custom
+  loops and the gymnasium views use), same reward, without keeping a trajectory;
+* with the task's reward model: the same rollout with the ``digit_alignment`` classifier, and that
+  decode + classifier alone ("models");
+* noise: the Gaussian draws no rollout can avoid (initial noise + one draw per stochastic step).
 
-and prints the ratio rollout / bare (target: at most 1.10 at batch 256; the env must never be the
-bottleneck of a real model), and the same ratio without the terminal decode + reward models (timed
-separately), which is the environment's own overhead. Repeats are interleaved; medians are reported.
+and prints
+
+* ``env ratio`` = rollout / bare: env + policy + kernel maths over the velocity forwards they
+  serve (target: at most 1.10 at batch 256; the env must never be the bottleneck of a real model);
+* ``stepwise ratio``: the same for the per-step API;
+* ``all-in ratio`` = rollout with the reward model / (bare + models): the whole rollout over all
+  the model compute it needs;
+* ``noise share`` = noise / bare: the part of the env ratio that is the sampler itself.
 
     python benchmarks/env_overhead.py                 # digits backend, CPU
     python benchmarks/env_overhead.py --backend toy --device cuda
@@ -20,6 +33,7 @@ import argparse
 import platform
 import statistics
 import time
+from typing import Callable
 
 import torch
 
@@ -32,58 +46,76 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
-def bare_forwards(env, policy, td) -> float:
-    backend = env.backend
-    latent, cond = td.get("latent"), td.get("conditioning")
-    sigmas = env.sigmas
-    _sync(env.device)
+def _timed(device: torch.device, run: Callable[[], object]) -> float:
+    _sync(device)
     start = time.perf_counter()
-    for k in range(env.num_steps):
-        sigma = sigmas[k].expand(latent.shape[0])
-        latent = backend.velocity(latent, sigma, cond, policy.guidance_scale)
-    _sync(env.device)
+    run()
+    _sync(device)
     return time.perf_counter() - start
 
 
 @torch.no_grad()
-def full_rollout(env, policy) -> float:
-    _sync(env.device)
-    start = time.perf_counter()
+def bare_forwards(env, policy, td) -> None:
+    latent, cond = td.get("latent"), td.get("conditioning")
+    for k in range(env.num_steps):
+        latent = env.backend.velocity(latent, env.sigmas[k].expand(latent.shape[0]), cond, policy.guidance_scale)
+
+
+@torch.no_grad()
+def fused_rollout(env, policy) -> None:
+    env.rollout(env.num_steps, policy)
+
+
+@torch.no_grad()
+def stepwise_rollout(env, policy) -> None:
     td = env.reset()
     for _ in range(env.num_steps):
         td = env.step(policy(td)).get("next")
-    _sync(env.device)
-    return time.perf_counter() - start
 
 
 @torch.no_grad()
-def reward_only(env) -> float:
-    """The terminal decode + reward models alone (part of the rollout, not of the env's own overhead)."""
-    latent = env._state["latent"]
-    prompts = env._state["prompts"]
-    _sync(env.device)
-    start = time.perf_counter()
-    env.rewards(env.backend.decode(latent), prompts)
-    _sync(env.device)
-    return time.perf_counter() - start
+def reward_models(env) -> None:
+    env.rewards(env.backend.decode(env._state["latent"]), env._state["prompts"])
+
+
+def noise_draws(env, policy) -> None:
+    draws = 1 + int(env.episode_stochastic_mask.sum())
+    shape = (env.batch_size[0], *env.backend.latent_shape)
+    generator = policy._noise_generator(env.device)
+    for _ in range(draws):
+        torch.randn(shape, generator=generator, device=env.device)
 
 
 def measure(backend: str, batch: int, device: str, repeats: int, group_size: int = 8) -> dict[str, float]:
-    env = make_env(backend, num_prompts=batch // group_size, group_size=group_size, device=device, seed=0)
+    kwargs = {"num_prompts": batch // group_size, "group_size": group_size, "device": device, "seed": 0}
+    env = make_env(backend, rewards={"ink": 1.0}, **kwargs)
+    full_env = make_env(backend, backend=env.backend, **kwargs)  # the task's default reward model
     policy = FlowPolicy(env.backend, seed=0)
     td = env.reset()
-    for _ in range(2):  # warm-up (allocator, prompt cache, lazy init)
-        bare_forwards(env, policy, td)
-        full_rollout(env, policy)
-    bare, whole, reward = [], [], []
+    runs = {
+        "bare": lambda: bare_forwards(env, policy, td),
+        "rollout": lambda: fused_rollout(env, policy),
+        "stepwise": lambda: stepwise_rollout(env, policy),
+        "full_rollout": lambda: fused_rollout(full_env, policy),
+        "models": lambda: reward_models(full_env),
+        "noise": lambda: noise_draws(env, policy),
+    }
+    for _ in range(3):  # warm-up (allocator, prompt cache, lazy init)
+        for run in runs.values():
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        bare.append(bare_forwards(env, policy, td))
-        whole.append(full_rollout(env, policy))
-        reward.append(reward_only(env))
-    b, w, r = statistics.median(bare), statistics.median(whole), statistics.median(reward)
-    return {"batch": batch, "bare_ms": b * 1e3, "rollout_ms": w * 1e3, "reward_ms": r * 1e3,
-            "ratio": w / b, "ratio_without_reward": (w - r) / b}
+        for name, run in runs.items():
+            times[name].append(_timed(env.device, run))
+    t = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "batch": batch,
+        **{f"{name}_ms": value * 1e3 for name, value in t.items()},
+        "env_ratio": t["rollout"] / t["bare"],
+        "stepwise_ratio": t["stepwise"] / t["bare"],
+        "all_in_ratio": t["full_rollout"] / (t["bare"] + t["models"]),
+        "noise_share": t["noise"] / t["bare"],
+    }
 
 
 def main() -> None:
@@ -91,17 +123,19 @@ def main() -> None:
     parser.add_argument("--backend", default="digits", choices=["digits", "toy"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256])
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else platform.processor() or "cpu"
-    print(f"backend={args.backend} device={args.device} ({device_name}), torch threads={torch.get_num_threads()}")
-    print(f"{'batch':>6} {'bare ms':>9} {'rollout ms':>11} {'reward ms':>10} {'ratio':>7} {'ratio w/o reward':>17}")
+    print(f"backend={args.backend} device={args.device} ({device_name}), torch threads={torch.get_num_threads()}, "
+          f"repeats={args.repeats} (medians)")
+    header = ("batch", "bare ms", "rollout ms", "stepwise ms", "models ms", "full ms", "noise ms",
+              "env ratio", "stepwise ratio", "all-in ratio", "noise share")
+    print(" ".join(f"{h:>13}" for h in header))
     for batch in args.batches:
         r = measure(args.backend, batch, args.device, args.repeats)
-        print(
-            f"{r['batch']:>6} {r['bare_ms']:>9.2f} {r['rollout_ms']:>11.2f} {r['reward_ms']:>10.2f} "
-            f"{r['ratio']:>7.3f} {r['ratio_without_reward']:>17.3f}"
-        )
+        values = (r["batch"], r["bare_ms"], r["rollout_ms"], r["stepwise_ms"], r["models_ms"], r["full_rollout_ms"], r["noise_ms"],
+                  r["env_ratio"], r["stepwise_ratio"], r["all_in_ratio"], r["noise_share"])
+        print(" ".join(f"{v:>13}" if isinstance(v, int) else f"{v:>13.3f}" for v in values))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ latents, all stepping together on one device.
 * action: the next latent (float32, the latent's shape), e.g. sampled by ``flowgym.policy.FlowPolicy``;
 * the terminal step decodes the final latents and returns the weighted reward total as ``reward``.
 
+``env.rollout(env.num_steps, policy)`` with a ``flowgym.policy.FlowPolicy`` runs the whole episode
+in one fused loop (``flowgym.rollout``) that gives TorchRL's generic loop bit for bit, without its
+per-step bookkeeping; every other call goes through TorchRL's loop.
+
 Which steps are stochastic (the only ones an algorithm trains on) is set by ``stochastic_steps``:
 
 * ``"all_but_last"`` (Flow-GRPO), ``"all"``, ``"none"`` (ODE sampling, for evaluation);
@@ -25,9 +29,10 @@ Which steps are stochastic (the only ones an algorithm trains on) is set by ``st
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
+from torch import Tensor
 from tensordict import NonTensorData, NonTensorStack, TensorDict, TensorDictBase
 from torchrl.data import Bounded, Categorical, Composite, NonTensor, Unbounded
 from torchrl.envs import EnvBase
@@ -36,6 +41,7 @@ from flowgym.backends.base import FlowBackend
 from flowgym.backends.prompts import load_prompts
 from flowgym.rewards import RewardComposer
 from flowgym.schedules import make_sigmas
+from flowgym.td_utils import set_prebuilt, stack_non_tensors
 
 __all__ = ["FlowDenoiseEnv", "resolve_prompts", "stochastic_step_mask"]
 
@@ -81,20 +87,6 @@ def stochastic_step_mask(spec: StochasticSpec, num_steps: int, generator: torch.
         raise ValueError(f"stochastic step indices {bad} out of range; accepted 0 .. {num_steps - 1}")
     mask[indices] = True
     return mask
-
-
-def _set_prebuilt(td: TensorDict, key: str, value: NonTensorStack) -> None:
-    """Set a non-tensor stack already built with the right batch size and device.
-
-    ``TensorDict.set`` re-validates (and re-devices) every element of a ``NonTensorStack``, which
-    costs more than the velocity forward of a small model at batch 256; the stack is built once per
-    episode on the right device, so the validation is skipped (tensordict's documented internal
-    ``_set_str(..., validated=True)``), falling back to ``set`` if that internal ever changes.
-    """
-    try:
-        td._set_str(key, value, validated=True, inplace=False)
-    except (AttributeError, TypeError):
-        td.set(key, value)
 
 
 class FlowDenoiseEnv(EnvBase):
@@ -236,7 +228,7 @@ class FlowDenoiseEnv(EnvBase):
         for prompt in prompts:
             if prompt not in cache:
                 cache[prompt] = NonTensorData(prompt, batch_size=[], device=self.device)
-        return NonTensorStack(*[cache[p] for p in prompts], stack_dim=0)
+        return stack_non_tensors([cache[p] for p in prompts], stack_dim=0)
 
     def _observation(self) -> TensorDict:
         state = self._state
@@ -257,33 +249,51 @@ class FlowDenoiseEnv(EnvBase):
                 "prompt_index": state["prompt_index"],
                 "group_id": state["group_id"],
                 "conditioning": state["conditioning"],
-                "reward_terms": state["reward_terms"],
+                "reward_terms": state["reward_terms"] if state["reward_terms"] is not None else self._zero_reward_terms(),
             },
             batch_size=[B],
             device=dev,
         )
-        _set_prebuilt(obs, "prompt", state["prompt_stack"])
+        set_prebuilt(obs, "prompt", state["prompt_stack"])
         return obs
 
     # ------------------------------------------------------------------ EnvBase hooks
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
+        self._start_episode(self._explicit_prompts(tensordict))
+        return self._reset_observation()
+
+    def _reset_observation(self) -> TensorDict:
+        """The observation at step 0 of the episode just started, with its (False) done flags."""
+        B, dev = self.batch_size[0], self.device
+        obs = self._observation()
+        obs.set("done", torch.zeros(B, 1, dtype=torch.bool, device=dev))
+        obs.set("terminated", torch.zeros(B, 1, dtype=torch.bool, device=dev))
+        obs.set("truncated", torch.zeros(B, 1, dtype=torch.bool, device=dev))
+        return obs
+
+    def _explicit_prompts(self, tensordict: TensorDictBase | None) -> list[str] | None:
+        """The prompts a reset request names (its ``prompt`` entry, one per batch element), or None."""
+        if tensordict is None or "prompt" not in tensordict.keys():
+            return None
+        explicit = tensordict.get("prompt")
+        explicit = explicit.tolist() if hasattr(explicit, "tolist") else list(explicit)
+        if len(explicit) != self.batch_size[0]:
+            raise ValueError(f"reset got {len(explicit)} prompts; expected one per batch element ({self.batch_size[0]})")
+        return [str(p) for p in explicit]
+
+    def _start_episode(self, prompts: list[str] | None) -> None:
+        """Draw (or take) the prompts, the initial noise and the stochastic steps: the new ``_state``."""
         B, G = self.batch_size[0], self.group_size
         dev = self.device
-        explicit = None
-        if tensordict is not None and "prompt" in tensordict.keys():
-            explicit = tensordict.get("prompt")
-            explicit = explicit.tolist() if hasattr(explicit, "tolist") else list(explicit)
-            if len(explicit) != B:
-                raise ValueError(f"reset got {len(explicit)} prompts; expected one per batch element ({B})")
-            prompts = [str(p) for p in explicit]
+        if prompts is not None:
             index_of = {p: i for i, p in enumerate(self.prompt_list)}
             prompt_index = torch.tensor([index_of.get(p, 0) for p in prompts], dtype=torch.int64)
-            group_id = torch.arange(B) // G
         else:
             chosen = self._draw_prompts()
             prompts = [self.prompt_list[i] for i in chosen for _ in range(G)]
             prompt_index = torch.tensor(chosen, dtype=torch.int64).repeat_interleave(G)
-            group_id = torch.arange(B) // G
+        if "_group_id" not in self.__dict__:  # the same every episode
+            self._group_id = (torch.arange(B) // G).to(dev)
         shape = self.backend.latent_shape
         if self.share_initial_noise:
             noise = torch.randn((self.num_prompts, *shape), generator=self._generator).repeat_interleave(G, dim=0)
@@ -295,20 +305,29 @@ class FlowDenoiseEnv(EnvBase):
             "step": 0,
             "prompts": prompts,
             "prompt_index": prompt_index.to(dev),
-            "group_id": group_id.to(dev),
+            "group_id": self._group_id.clone(),
             "conditioning": self.backend.encode_prompts(prompts).to(dev),
             "stochastic_mask": mask,
             # built once per episode: a stack of B strings is costly to build and to validate
             "prompt_stack": self._prompt_stack(prompts),
-            "reward_terms": TensorDict(
-                {name: torch.zeros(B, 1, device=dev) for name in self.rewards.names}, batch_size=[B], device=dev
-            ),
+            "reward_terms": None,  # zeros until the terminal step; built when an observation needs them
         }
-        obs = self._observation()
-        obs.set("done", torch.zeros(B, 1, dtype=torch.bool, device=dev))
-        obs.set("terminated", torch.zeros(B, 1, dtype=torch.bool, device=dev))
-        obs.set("truncated", torch.zeros(B, 1, dtype=torch.bool, device=dev))
-        return obs
+
+    def _zero_reward_terms(self) -> TensorDict:
+        B, dev = self.batch_size[0], self.device
+        return TensorDict({name: torch.zeros(B, 1, device=dev) for name in self.rewards.names}, batch_size=[B], device=dev)
+
+    def _finish_episode(self, final_latent: Tensor) -> tuple[Tensor, TensorDict]:
+        """Decode the final latents and score them: ``(reward (B, 1), reward_terms)``; keeps the images."""
+        B, dev = self.batch_size[0], self.device
+        with torch.no_grad():
+            images = self.backend.decode(final_latent)
+            total, terms = self.rewards(images, self._state["prompts"])
+        self._state["images"] = images
+        reward_terms = TensorDict(
+            {name: value.to(dev).reshape(B, 1) for name, value in terms.items()}, batch_size=[B], device=dev
+        )
+        return total.to(dev).reshape(B, 1), reward_terms
 
     def validate_action(self, action: object) -> torch.Tensor:
         """Check an action; ``ValueError`` saying what was expected. Never changes the state."""
@@ -339,15 +358,10 @@ class FlowDenoiseEnv(EnvBase):
         done = k + 1 == self.num_steps
         reward = torch.zeros(B, 1, device=dev)
         reward_terms = self._state["reward_terms"]
+        if reward_terms is None:
+            reward_terms = self._state["reward_terms"] = self._zero_reward_terms()
         if done:
-            with torch.no_grad():
-                images = self.backend.decode(action)
-                total, terms = self.rewards(images, self._state["prompts"])
-            reward = total.to(dev).reshape(B, 1)
-            reward_terms = TensorDict(
-                {name: value.to(dev).reshape(B, 1) for name, value in terms.items()}, batch_size=[B], device=dev
-            )
-            self._state["images"] = images
+            reward, reward_terms = self._finish_episode(action)
         self._state.update(latent=action.clone(), step=k + 1, reward_terms=reward_terms)
         out = self._observation()
         out.set("reward", reward)
@@ -356,6 +370,34 @@ class FlowDenoiseEnv(EnvBase):
         out.set("terminated", flag.clone())
         out.set("truncated", torch.zeros(B, 1, dtype=torch.bool, device=dev))
         return out
+
+    def rollout(
+        self,
+        max_steps: int,
+        policy: Callable[[TensorDictBase], TensorDictBase] | None = None,
+        callback: Callable[..., Any] | None = None,
+        *,
+        auto_reset: bool = True,
+        tensordict: TensorDictBase | None = None,
+        **kwargs: Any,
+    ) -> TensorDictBase:
+        """TorchRL's ``EnvBase.rollout``, fused for the usual call.
+
+        A whole episode with a ``flowgym.policy.FlowPolicy`` (``env.rollout(env.num_steps, policy)``,
+        optionally with a reset request holding ``prompt``) runs in one loop over bare tensors
+        (``flowgym.rollout``): the same trajectory, without TorchRL's per-step bookkeeping. Every
+        other call (another policy, a callback, a partial episode, ``auto_reset=False``, ...) is
+        TorchRL's loop unchanged.
+        """
+        from flowgym.rollout import fused_rollout, fused_rollout_applies  # beside the env, not below it
+
+        if fused_rollout_applies(self, max_steps, policy, callback, auto_reset, tensordict, kwargs):
+            trajectory = fused_rollout(self, policy, tensordict)
+            if trajectory is not None:
+                return trajectory
+            # the policy cannot plan this episode: run TorchRL's loop from the reset just made
+            tensordict, auto_reset = self._reset_observation(), False
+        return super().rollout(max_steps, policy, callback, auto_reset=auto_reset, tensordict=tensordict, **kwargs)
 
     def generator_state(self) -> torch.Tensor:
         """State of the env's generator (prompt draws, initial noise, windows), for checkpoints."""

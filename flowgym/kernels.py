@@ -39,7 +39,18 @@ __all__ = [
     "cps_step",
     "dance_sde_step",
     "ode_step",
+    "all_finite",
+    "apply_step_coefficients",
+    "flow_sde_coefficients",
+    "cps_coefficients",
+    "dance_sde_coefficients",
+    "ode_coefficients",
+    "KERNEL_COEFFICIENTS",
+    "get_kernel_coefficients",
     "gaussian_log_prob",
+    "gaussian_log_prob_unchecked",
+    "log_prob_coefficients",
+    "isotropic_log_prob",
     "gaussian_kl",
     "flow_grpo_reference_kl",
     "KERNELS",
@@ -105,6 +116,78 @@ def _std_shaped(std: Tensor, s: Tensor, s_next: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- step kernels
+# Every kernel is affine in (x, v) with a std that depends on the sigmas only:
+#     mean = c_x * x + c_v * v,    std = s(sigma, sigma_next)
+# so each is written as a pure coefficient function (any broadcastable sigma tensors, no checks),
+# and the validated step functions below apply it. A whole schedule's coefficients can be computed
+# in one call (``FlowPolicy.plan_episode``), which the fast rollout path relies on.
+StepCoefficients = tuple[Tensor, Tensor, Tensor]
+
+
+def apply_step_coefficients(x: Tensor, v: Tensor, c_x: Tensor | float, c_v: Tensor | float) -> Tensor:
+    """The kernel mean ``c_x * x + c_v * v`` (coefficients: floats or tensors broadcasting to x)."""
+    return x * c_x + v * c_v
+
+
+def ode_coefficients(s: Tensor, s_next: Tensor, noise_level: float = 0.0) -> StepCoefficients:
+    """Euler step: ``c_x = 1``, ``c_v = dt = sigma_next - sigma``, ``std = 0``."""
+    dt = s_next - s
+    return torch.ones_like(dt), dt, torch.zeros_like(dt)
+
+
+def flow_sde_coefficients(
+    s: Tensor, s_next: Tensor, noise_level: float = 0.7, *, sigma_cap: float | None = None
+) -> StepCoefficients:
+    """Flow-GRPO's step coefficients (see ``flow_sde_step``)::
+
+        sigma_t = a * sqrt(s / (1 - s_den))      s_den = s, or s_next where s = 1 (sigma_cap: clamp)
+        c_x = 1 + sigma_t^2 * dt / (2 s),  c_v = (1 + sigma_t^2 (1 - s) / (2 s)) * dt,  std = sigma_t * sqrt(-dt)
+    """
+    dt = s_next - s
+    if sigma_cap is not None:
+        if not 0.0 < sigma_cap < 1.0:
+            raise ValueError(f"sigma_cap must lie in (0, 1); got {sigma_cap}")
+        s_denominator = s.clamp(max=sigma_cap)
+    else:
+        s_denominator = torch.where(s >= 1.0, s_next, s)
+    sigma_t = noise_level * torch.sqrt(s / (1.0 - s_denominator))
+    sigma_t_sq = sigma_t**2
+    c_x = 1.0 + sigma_t_sq * dt / (2.0 * s)
+    c_v = (1.0 + sigma_t_sq * (1.0 - s) / (2.0 * s)) * dt
+    return c_x, c_v, sigma_t * torch.sqrt(-dt)
+
+
+def cps_coefficients(s: Tensor, s_next: Tensor, noise_level: float = 0.8) -> StepCoefficients:
+    """CPS step coefficients (see ``cps_step``); with ``n = sigma_next * |cos(eta pi / 2)|``::
+
+        mean = (1 - s_next) * (x - s v) + n * (x + (1 - s) v)
+        c_x = (1 - s_next) + n,  c_v = n (1 - s) - (1 - s_next) s,  std = s_next * sin(eta pi / 2)
+
+    ``n`` is ``sqrt(sigma_next^2 - std^2)`` written without the float32 cancellation of the
+    difference (which costs ~sqrt(eps) * sigma_next as eta -> 1).
+    """
+    noise_coefficient = s_next * abs(math.cos(noise_level * math.pi / 2.0))
+    c_x = (1.0 - s_next) + noise_coefficient
+    c_v = noise_coefficient * (1.0 - s) - (1.0 - s_next) * s
+    std = s_next * math.sin(noise_level * math.pi / 2.0)
+    return c_x, c_v, std
+
+
+def dance_sde_coefficients(s: Tensor, s_next: Tensor, noise_level: float = 0.3) -> StepCoefficients:
+    """DanceGRPO's step coefficients (see ``dance_sde_step``); with ``eta = noise_level``::
+
+        c_x = 1 + eta^2 dt / (2 s),  c_v = (1 + eta^2 (1 - s) / (2 s)) * dt,  std = eta * sqrt(-dt)
+
+    (the score correction ``-(eta^2 / 2) * score * dt`` with ``score = -(x + (1 - s) v) / s``
+    folded into the two coefficients).
+    """
+    dt = s_next - s
+    eta_sq = noise_level**2
+    c_x = 1.0 + eta_sq * dt / (2.0 * s)
+    c_v = (1.0 + eta_sq * (1.0 - s) / (2.0 * s)) * dt
+    return c_x, c_v, noise_level * torch.sqrt(-dt)
+
+
 def ode_step(
     x: Tensor, v: Tensor, sigma: Sigma, sigma_next: Sigma, noise_level: float = 0.0
 ) -> tuple[Tensor, Tensor]:
@@ -113,7 +196,8 @@ def ode_step(
     ``noise_level`` is accepted for a uniform signature and ignored.
     """
     x, v, s, s_next = _prepare_step(x, v, sigma, sigma_next, float(noise_level))
-    return x + v * (s_next - s), _std_shaped(torch.zeros_like(s), s, s_next)
+    c_x, c_v, std = ode_coefficients(s, s_next)
+    return apply_step_coefficients(x, v, c_x, c_v), _std_shaped(std, s, s_next)
 
 
 def flow_sde_step(
@@ -142,18 +226,8 @@ def flow_sde_step(
     denominator's sigma at ``sigma_cap`` everywhere.
     """
     x, v, s, s_next = _prepare_step(x, v, sigma, sigma_next, noise_level)
-    dt = s_next - s
-    if sigma_cap is not None:
-        if not 0.0 < sigma_cap < 1.0:
-            raise ValueError(f"sigma_cap must lie in (0, 1); got {sigma_cap}")
-        s_denominator = s.clamp(max=sigma_cap)
-    else:
-        s_denominator = torch.where(s >= 1.0, s_next, s)
-    sigma_t = noise_level * torch.sqrt(s / (1.0 - s_denominator))
-    sigma_t_sq = sigma_t**2
-    mean = x * (1.0 + sigma_t_sq * dt / (2.0 * s)) + v * (1.0 + sigma_t_sq * (1.0 - s) / (2.0 * s)) * dt
-    std = sigma_t * torch.sqrt(-dt)
-    return mean, std
+    c_x, c_v, std = flow_sde_coefficients(s, s_next, noise_level, sigma_cap=sigma_cap)
+    return apply_step_coefficients(x, v, c_x, c_v), std
 
 
 def cps_step(
@@ -161,7 +235,7 @@ def cps_step(
 ) -> tuple[Tensor, Tensor]:
     """Coefficients-preserving sampling (CPS), i.e. DDIM(eta) for flow matching.
 
-    With ``eta = noise_level``::
+    With ``eta = noise_level``, ``x0_hat = x - sigma v`` and ``x1_hat = x + (1 - sigma) v``::
 
         std  = sigma_next * sin(eta * pi / 2)
         mean = (1 - sigma_next) * x0_hat + sqrt(sigma_next^2 - std^2) * x1_hat
@@ -179,14 +253,8 @@ def cps_step(
     reproduce the ODE's marginals.
     """
     x, v, s, s_next = _prepare_step(x, v, sigma, sigma_next, noise_level)
-    std = s_next * math.sin(noise_level * math.pi / 2.0)
-    x0_hat = x - s * v
-    x1_hat = x + (1.0 - s) * v
-    # sqrt(sigma_next^2 - std^2) = sigma_next * |cos(eta pi / 2)|, written without the float32
-    # cancellation of the difference (which costs ~sqrt(eps) * sigma_next as eta -> 1).
-    noise_coefficient = s_next * abs(math.cos(noise_level * math.pi / 2.0))
-    mean = (1.0 - s_next) * x0_hat + noise_coefficient * x1_hat
-    return mean, _std_shaped(std, s, s_next)
+    c_x, c_v, std = cps_coefficients(s, s_next, noise_level)
+    return apply_step_coefficients(x, v, c_x, c_v), _std_shaped(std, s, s_next)
 
 
 def dance_sde_step(
@@ -204,12 +272,8 @@ def dance_sde_step(
     preserves the ODE's marginals.
     """
     x, v, s, s_next = _prepare_step(x, v, sigma, sigma_next, noise_level)
-    dt = s_next - s
-    x0_hat = x - s * v
-    score = -(x - (1.0 - s) * x0_hat) / s**2
-    mean = x + (v - 0.5 * noise_level**2 * score) * dt
-    std = noise_level * torch.sqrt(-dt)
-    return mean, std
+    c_x, c_v, std = dance_sde_coefficients(s, s_next, noise_level)
+    return apply_step_coefficients(x, v, c_x, c_v), std
 
 
 KERNELS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
@@ -220,12 +284,36 @@ KERNELS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
 }
 
 
+KERNEL_COEFFICIENTS: dict[str, Callable[..., StepCoefficients]] = {
+    "flow_sde": flow_sde_coefficients,
+    "cps": cps_coefficients,
+    "dance_sde": dance_sde_coefficients,
+    "ode": ode_coefficients,
+}
+
+
 def get_kernel(name: str) -> Callable[..., tuple[Tensor, Tensor]]:
     """Return the step kernel registered as ``name`` (one of ``KERNELS``)."""
     try:
         return KERNELS[name]
     except KeyError:
         raise ValueError(f"unknown kernel {name!r}; accepted: {sorted(KERNELS)}") from None
+
+
+def get_kernel_coefficients(name: str) -> Callable[..., StepCoefficients]:
+    """Return the coefficient function ``(sigma, sigma_next, noise_level) -> (c_x, c_v, std)`` of
+    kernel ``name``: pure tensor maths, no validation (the step functions validate)."""
+    get_kernel(name)  # the same error for an unknown name
+    return KERNEL_COEFFICIENTS[name]
+
+
+def all_finite(x: Tensor) -> bool:
+    """Whether every element of ``x`` is finite, in one reduction and one device sync.
+
+    ``max(|x|)`` is NaN when any element is NaN and inf when any is +-inf; on CPU this is ~10x
+    faster than ``torch.isfinite(x).all()``.
+    """
+    return x.numel() == 0 or bool(torch.isfinite(x.detach().abs().amax()))
 
 
 # --------------------------------------------------------------------------- densities
@@ -296,9 +384,50 @@ def gaussian_log_prob(
         return _reduce(-((x_next - mean) ** 2), reduce)
     if convention != "exact":
         raise ValueError(f"convention must be 'exact' or 'cps_legacy'; got {convention!r}")
-    std = _checked_std(std, mean)
-    per_element = -((x_next - mean) ** 2) / (2.0 * std**2) - torch.log(std) - 0.5 * math.log(2.0 * math.pi)
-    return _reduce(per_element, reduce)
+    return gaussian_log_prob_unchecked(x_next, mean, _checked_std(std, mean), reduce)
+
+
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def gaussian_log_prob_unchecked(x_next: Tensor, mean: Tensor, std: Tensor, reduce: Reduce = "mean") -> Tensor:
+    """``gaussian_log_prob`` (exact convention) without the checks, for callers that validated once.
+
+    ``x_next`` and ``mean`` are float32 of one shape; ``std`` is a float32 tensor that is > 0 and
+    broadcasts to it. With a per-sample std (0-d or ``(B, 1, ..., 1)``) the squared distance is
+    reduced first and the std terms are applied per sample (``D`` = elements per sample)::
+
+        mean: -mean((x_next - mean)^2) / (2 std^2) - log(std) - log(2 pi) / 2
+        sum:  -sum((x_next - mean)^2) / (2 std^2) - D * (log(std) + log(2 pi) / 2)
+
+    which is the per-element formula with fewer full-size operations; any other std shape (or
+    ``reduce="none"``) uses the per-element formula.
+    """
+    per_sample_std = std.dim() == 0 or (std.dim() == mean.dim() and all(d == 1 for d in std.shape[1:]))
+    if reduce == "none" or not per_sample_std or mean.dim() < 2:
+        per_element = -(x_next - mean).square() / (2.0 * std**2) - torch.log(std) - _HALF_LOG_2PI
+        return _reduce(per_element, reduce)
+    std = std.reshape(-1) if std.dim() > 0 else std
+    quadratic, constant = log_prob_coefficients(std, reduce, mean[0].numel())
+    return isotropic_log_prob(x_next, mean, quadratic, constant, reduce)
+
+
+def isotropic_log_prob(
+    x_next: Tensor, mean: Tensor, quadratic: Tensor | float, constant: Tensor | float, reduce: Reduce = "mean"
+) -> Tensor:
+    """``reduce((x_next - mean)^2) * quadratic - constant`` per sample, with the terms of
+    ``log_prob_coefficients`` (floats or per-sample tensors): the per-sample-std path of
+    ``gaussian_log_prob_unchecked``, for a batch whose samples share one std."""
+    return _reduce((x_next - mean).square(), reduce) * quadratic - constant
+
+
+def log_prob_coefficients(std: Tensor, reduce: Reduce, numel: int) -> tuple[Tensor, Tensor]:
+    """Per-sample terms of an isotropic Gaussian log-density: ``log p = r * quadratic - constant``
+    with ``r`` the ``reduce``-reduced squared distance over ``numel`` elements, i.e.
+    ``quadratic = -1 / (2 std^2)`` and ``constant = n * (log(std) + log(2 pi) / 2)``, ``n = 1`` for
+    ``"mean"`` and ``numel`` for ``"sum"``."""
+    count = 1.0 if reduce == "mean" else float(numel)
+    return -0.5 / std.square(), count * (torch.log(std) + _HALF_LOG_2PI)
 
 
 def gaussian_kl(mean_p: Tensor, mean_q: Tensor, std: Tensor | float, reduce: Reduce = "mean") -> Tensor:

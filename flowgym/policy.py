@@ -18,6 +18,8 @@ Losses call ``distribution(td)`` to recompute ``velocity, loc, scale`` with grad
 from __future__ import annotations
 
 import contextlib
+import math
+from dataclasses import dataclass
 from typing import Iterator, Literal
 
 import torch
@@ -27,12 +29,57 @@ from torch import Tensor
 from torchrl.envs.utils import ExplorationType, exploration_type
 
 from flowgym.backends.base import FlowBackend
-from flowgym.kernels import gaussian_log_prob, get_kernel, ode_step
+from flowgym.kernels import (
+    gaussian_log_prob,
+    get_kernel,
+    get_kernel_coefficients,
+    isotropic_log_prob,
+    log_prob_coefficients,
+    ode_coefficients,
+    ode_step,
+)
 
-__all__ = ["FlowPolicy", "POLICY_IN_KEYS", "POLICY_OUT_KEYS"]
+__all__ = ["EpisodePlan", "FlowPolicy", "POLICY_IN_KEYS", "POLICY_OUT_KEYS", "PlannedStep"]
 
 POLICY_IN_KEYS = ["latent", "sigma", "sigma_next", "stochastic", "conditioning"]
 POLICY_OUT_KEYS = ["velocity", "loc", "scale", "action", "sample_log_prob"]
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    """One denoising step of an episode in which the whole batch sits at the same step.
+
+    ``mean = c_x * x + c_v * v`` with the kernel's coefficients (the Euler ODE step's on
+    deterministic steps) and, on stochastic steps, ``x_next = mean + std * noise``. The floats are
+    the exact float32 values ``forward`` computes per sample; ``sigma`` is the ``(B,)`` noise
+    level given to the model.
+    """
+
+    sigma: Tensor
+    stochastic: bool
+    c_x: float
+    c_v: float
+    std: float
+
+
+@dataclass(frozen=True)
+class EpisodePlan:
+    """The planned steps of one episode and the per-step tensors of its trajectory.
+
+    ``stochastic``: ``(K,)`` flags; ``scale``: ``(K, 1, ..., 1)`` std per step (0 on deterministic
+    steps), as ``forward`` outputs it; ``quadratic`` and ``constant``: ``(K,)`` log-density terms
+    (``flowgym.kernels.log_prob_coefficients``; 0 on deterministic steps, whose log-prob is 0).
+    """
+
+    steps: list[PlannedStep]
+    stochastic: Tensor
+    scale: Tensor
+    quadratic: Tensor
+    constant: Tensor
+
+
+def _deterministic_exploration() -> bool:
+    return exploration_type() in (ExplorationType.DETERMINISTIC, ExplorationType.MODE, ExplorationType.MEAN)
 
 
 class FlowPolicy(TensorDictModuleBase):
@@ -74,6 +121,7 @@ class FlowPolicy(TensorDictModuleBase):
         self.backend = backend
         self.kernel_name = kernel
         self.kernel = get_kernel(kernel)
+        self.kernel_coefficients = get_kernel_coefficients(kernel)
         self.noise_level = float(noise_level)
         self.guidance_scale = float(guidance_scale)
         self.reduce = reduce
@@ -110,14 +158,16 @@ class FlowPolicy(TensorDictModuleBase):
         prompts = prompts.tolist() if hasattr(prompts, "tolist") else list(prompts)
         return self.backend.encode_prompts(prompts).to(td.device or self.backend.device)
 
+    def velocity(self, latent: Tensor, sigma: Tensor, cond) -> Tensor:
+        """The backend's (guided) velocity in float32, the latent cast to the model's dtype."""
+        return self.backend.velocity(latent.to(self.backend.dtype), sigma, cond, self.guidance_scale).float()
+
     def distribution(self, td: TensorDictBase) -> tuple[Tensor, Tensor, Tensor]:
         """``(velocity, loc, scale)`` for the states in ``td`` (differentiable w.r.t. the model)."""
         latent = td.get("latent")
         sigma, sigma_next = td.get("sigma"), td.get("sigma_next")
         stochastic = td.get("stochastic").reshape(-1)
-        cond = self.conditioning(td)
-        model_dtype = self.backend.dtype
-        velocity = self.backend.velocity(latent.to(model_dtype), sigma, cond, self.guidance_scale).float()
+        velocity = self.velocity(latent, sigma, self.conditioning(td))
         return (velocity, *self.step(latent, velocity, sigma, sigma_next, stochastic))
 
     def step(
@@ -150,21 +200,89 @@ class FlowPolicy(TensorDictModuleBase):
         return torch.where(mask, logp, torch.zeros_like(logp))
 
     # ------------------------------------------------------------------ module API
+    def _noise(self, like: Tensor) -> Tensor:
+        return torch.randn(like.shape, generator=self._noise_generator(like.device), device=like.device)
+
     def forward(self, td: TensorDictBase) -> TensorDictBase:
-        velocity, loc, scale = self.distribution(td)
+        latent, sigma, sigma_next = td.get("latent"), td.get("sigma"), td.get("sigma_next")
         stochastic = td.get("stochastic").reshape(-1)
-        deterministic = exploration_type() in (ExplorationType.DETERMINISTIC, ExplorationType.MODE, ExplorationType.MEAN)
-        if deterministic:
-            action = loc
-        else:
-            noise = torch.randn(loc.shape, generator=self._noise_generator(loc.device), device=loc.device)
-            action = loc + scale * noise
+        velocity = self.velocity(latent, sigma, self.conditioning(td))
+        loc, scale = self.step(latent, velocity, sigma, sigma_next, stochastic)
+        # noise is drawn at deterministic steps too (scale 0 there): the draw for step k is then the
+        # k-th whatever the stochastic window, and ``sample_planned`` consumes the generator alike
+        action = loc if _deterministic_exploration() else loc + scale * self._noise(loc)
         td.set("velocity", velocity)
         td.set("loc", loc)
         td.set("scale", scale)
         td.set("action", action)
         td.set("sample_log_prob", self.log_prob(action, loc, scale, stochastic))
         return td
+
+    # ------------------------------------------------------------------ fused rollouts
+    def plan_episode(self, sigmas: Tensor, stochastic_mask: Tensor, latent_shape: tuple[int, ...]) -> EpisodePlan | None:
+        """The plan of a whole episode for a batch of latents of shape ``latent_shape`` (``(B, ...)``)
+        that step together: ``sigmas`` is the K + 1 schedule, ``stochastic_mask`` the K flags.
+        Computed once per distinct episode (the coefficients of every step in one call) and cached.
+        ``None`` when the episode cannot be sampled step-wise like ``forward`` does: the ODE kernel
+        or a zero std on a stochastic step, which ``forward`` rejects with its own error.
+        """
+        stochastic = tuple(bool(f) for f in stochastic_mask.tolist())
+        key = (tuple(sigmas.tolist()), stochastic, tuple(latent_shape), str(sigmas.device), self.kernel_name,
+               self.noise_level, self.reduce, self.log_prob_convention)
+        cache = self.__dict__.setdefault("_plans", {})
+        if key not in cache:
+            if len(cache) >= 64:  # windows give a handful of distinct episodes; bound it anyway
+                cache.clear()
+            cache[key] = self._plan(sigmas.float(), stochastic, tuple(latent_shape))
+        return cache[key]
+
+    def _plan(self, sigmas: Tensor, stochastic: tuple[bool, ...], latent_shape: tuple[int, ...]) -> EpisodePlan | None:
+        if self.kernel_name == "ode" and any(stochastic):
+            return None
+        s, s_next = sigmas[:-1], sigmas[1:]
+        c_x, c_v, std = (t.expand_as(s) for t in self.kernel_coefficients(s, s_next, self.noise_level))
+        mask = torch.tensor(stochastic, dtype=torch.bool, device=sigmas.device)
+        if not bool((std > 0)[mask].all()):
+            return None
+        ode_x, ode_v, _ = ode_coefficients(s, s_next)
+        c_x, c_v, std = torch.where(mask, c_x, ode_x), torch.where(mask, c_v, ode_v), torch.where(mask, std, 0.0)
+        quadratic, constant = log_prob_coefficients(torch.where(mask, std, 1.0), self.reduce, math.prod(latent_shape[1:]))
+        steps = [
+            PlannedStep(sigma=s[k].expand(latent_shape[0]), stochastic=flag, c_x=cx, c_v=cv, std=sd)
+            for k, (flag, cx, cv, sd) in enumerate(zip(stochastic, c_x.tolist(), c_v.tolist(), std.tolist()))
+        ]
+        return EpisodePlan(
+            steps=steps,
+            stochastic=mask,
+            scale=std.reshape(-1, *([1] * (len(latent_shape) - 1))),
+            quadratic=torch.where(mask, quadratic, 0.0),
+            constant=torch.where(mask, constant, 0.0),
+        )
+
+    def sample_planned(self, latent: Tensor, velocity: Tensor, step: PlannedStep) -> tuple[Tensor, Tensor]:
+        """``(loc, action)`` of one planned step: bit for bit what ``forward`` gives for the same
+        state and generator, without re-validating the schedule at every step."""
+        loc = latent.float() * step.c_x
+        loc.add_(velocity * step.c_v)  # = c_x * x + c_v * v (flowgym.kernels.apply_step_coefficients)
+        if _deterministic_exploration():
+            return loc, loc
+        noise = self._noise(loc)  # drawn at deterministic steps too, as ``forward`` does
+        if not step.stochastic:
+            return loc, loc
+        return loc, noise.mul_(step.std).add_(loc)  # loc + std * noise, in place on the fresh noise
+
+    def planned_log_prob(self, action: Tensor, loc: Tensor, plan: EpisodePlan) -> Tensor:
+        """``sample_log_prob`` of a whole planned episode, ``(B, K)`` from ``(B, K, ...)`` actions and
+        means, in one pass (a pass per step costs more): per step the value ``forward`` gives, up to
+        the last bit of ``log(std)``. On deterministic steps (action = mean) it is 0, and it is
+        NaN or inf wherever an action or a mean is."""
+        B, K = action.shape[:2]
+        action, loc = action.flatten(0, 1), loc.flatten(0, 1)
+        if self.log_prob_convention == "exact":
+            flat = isotropic_log_prob(action, loc, plan.quadratic.repeat(B), plan.constant.repeat(B), self.reduce)
+        else:  # -(action - loc)^2: -0.0 on deterministic steps
+            flat = gaussian_log_prob(action, loc, 1.0, self.reduce, convention=self.log_prob_convention)
+        return flat.view(B, K)
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:

@@ -99,8 +99,13 @@ def test_prompt_cache_encodes_each_distinct_prompt_once(monkeypatch: pytest.Monk
     assert calls == [["a handwritten 3", "a handwritten 4"]]
     backend.encode_prompts(["a handwritten 4", "a handwritten 3"])
     assert len(calls) == 1
-    backend.encode_prompts(["a handwritten 5", "a handwritten 3"])
+    assert backend.encode_prompts(["a handwritten 5", "a handwritten 3"])["label"].tolist() == [5, 3]
     assert calls[-1] == ["a handwritten 5"]
+    # the stack of distinct prompts is reused while the set repeats and rebuilt when it changes
+    for batch in (["a handwritten 3", "a handwritten 5"] * 2, ["a handwritten 4"], ["a handwritten 5", "a handwritten 4"]):
+        assert backend.encode_prompts(batch)["label"].tolist() == [parse_digit(p) for p in batch]
+    backend.clear_prompt_cache()
+    assert backend.encode_prompts(["a handwritten 7"])["label"].tolist() == [7]
 
 
 # --------------------------------------------------------------------------- backend contract

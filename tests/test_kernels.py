@@ -16,6 +16,8 @@ from torch.distributions import Normal, kl_divergence
 
 from flowgym.kernels import (
     KERNELS,
+    all_finite,
+    apply_step_coefficients,
     cps_step,
     dance_sde_step,
     flow_grpo_reference_kl,
@@ -23,6 +25,7 @@ from flowgym.kernels import (
     gaussian_kl,
     gaussian_log_prob,
     get_kernel,
+    get_kernel_coefficients,
     ode_step,
 )
 from flowgym.schedules import static_shift_sigmas
@@ -585,3 +588,31 @@ def test_cps_sampler_keeps_the_mean_but_under_disperses():
     # eta = 0 is DDIM = Euler ODE: the same recursion then approaches the data with more steps
     ddim = _cps_exact_law(static_shift_sigmas(200, 1.0), 0.0)
     torch.testing.assert_close(ddim, DATA_COV, rtol=0, atol=0.01)
+
+
+# --------------------------------------------------------------------------- whole-schedule coefficients
+@pytest.mark.parametrize("name", sorted(KERNELS))
+@given(seed=st.integers(0, 2**31 - 1), shift=st.sampled_from([1.0, 3.0]), steps=st.integers(2, 12))
+def test_schedule_coefficients_reproduce_each_step_bit_for_bit(name, seed, shift, steps):
+    """What the fused rollout relies on: coefficients computed once for a whole schedule, as Python
+    floats, give exactly the per-sample kernel step (mean and std)."""
+    sigmas = static_shift_sigmas(steps, shift)
+    a = DEFAULT_NOISE[name]
+    c_x, c_v, std = (t.expand(steps).tolist() for t in get_kernel_coefficients(name)(sigmas[:-1], sigmas[1:], a))
+    x, v = _randn((5, 2, 3), seed), _randn((5, 2, 3), seed + 1)
+    for k in range(steps):
+        if name == "cps" and sigmas[k + 1] == 0:
+            continue  # std 0 at the last step: the kernel is fine, only its density is not
+        mean, step_std = get_kernel(name)(x, v, sigmas[k].expand(5), sigmas[k + 1].expand(5), a)
+        assert torch.equal(mean, apply_step_coefficients(x, v, c_x[k], c_v[k])), k
+        assert torch.equal(step_std.reshape(-1), torch.full((5,), std[k])), k
+
+
+def test_all_finite_matches_isfinite():
+    x = _randn((4, 3, 5), 0)
+    assert all_finite(x) and all_finite(torch.empty(0))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[2, 1, 3] = bad
+        assert not all_finite(y)
+    assert all_finite(torch.full((3,), 3e38)) and not all_finite(torch.tensor([1.0, float("nan")], dtype=torch.bfloat16))

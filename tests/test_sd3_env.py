@@ -291,3 +291,24 @@ def test_documented_command_composes_from_the_command_line():
     printed = OmegaConf.create(out.stdout)
     assert printed.algo.name == "flow_dppo" and printed.env.group_size == 16
     assert printed.env.stochastic_steps.window == 3
+
+
+def test_fused_rollout_equals_torchrl_loop_with_cfg(tiny_path):
+    from torchrl.envs import EnvBase
+
+    runs = []
+    for generic in (False, True):
+        env = sd3_env(tiny_path, stochastic_steps={"window": 1, "range": [0, 2]})
+        policy = env.make_policy(seed=0, guidance_scale=2.0)
+        with torch.no_grad():
+            runs.append(EnvBase.rollout(env, env.num_steps, policy) if generic else env.rollout(env.num_steps, policy))
+    fused, loop = runs
+    assert sorted(fused.keys(True, True), key=str) == sorted(loop.keys(True, True), key=str)
+    for key in loop.keys(True, True):
+        if key == "sample_log_prob":
+            torch.testing.assert_close(fused.get(key), loop.get(key), rtol=1e-6, atol=1e-6)
+        elif isinstance(loop.get(key), torch.Tensor):
+            assert torch.equal(fused.get(key), loop.get(key)), key
+    # the conditioning is a view of the episode's text embeddings, not one copy per step
+    embeds = fused.get(("conditioning", "prompt_embeds"))
+    assert embeds.stride(1) == 0 and torch.equal(embeds, loop.get(("conditioning", "prompt_embeds")))

@@ -638,6 +638,7 @@ class SD3Backend(FlowBackend):
         super().to(*args, **kwargs)
         device = self.device
         self._prompt_cache = {p: td.to(device) for p, td in self._prompt_cache.items()}
+        self._stacked_prompts = None
         return self
 
     def extra_repr(self) -> str:
