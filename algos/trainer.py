@@ -219,26 +219,29 @@ class Trainer:
         }
 
     def _collect_episode(self) -> dict[str, Any]:
-        td = self.env.reset()
-        conditioning = td.get("conditioning")
-        steps, drift = [], []
+        traj = self._rollout(self.env)
         measure_drift = bool(self.cfg["trainer"].get("drift_every_iteration", True))
-        for k in range(self.env.num_steps):
-            with self._autocast():
-                td = self.policy(td)
-            steps.append(td.select(*_STEP_KEYS))
-            if measure_drift and k < self.env.num_steps - 1:
-                drift.append(self.drift_kl(td))
-            td = self.env.step(td).get("next")
+        drift = self._trajectory_drift(traj) if measure_drift else []
         return {
             "drift_kl": float(torch.stack(drift).mean()) if drift else float("nan"),
-            "trajectory": torch.stack(steps, dim=1),  # [B, K]
-            "conditioning": conditioning,
-            "reward": td.get("reward").reshape(-1),
-            "reward_terms": {k: v.reshape(-1) for k, v in td.get("reward_terms").items()},
-            "prompts": td.get("prompt").tolist(),
-            "group_id": td.get("group_id"),
+            "trajectory": traj.select(*_STEP_KEYS),  # [B, K]
+            "conditioning": traj.get("conditioning")[:, 0],
+            # contiguous copies of the last step: reductions over a strided view sum in another order
+            "reward": traj.get(("next", "reward"))[:, -1].reshape(-1).contiguous(),
+            "reward_terms": {k: v[:, -1].reshape(-1).contiguous() for k, v in traj.get(("next", "reward_terms")).items()},
+            "prompts": traj.get("prompt")[:, 0].tolist(),
+            "group_id": traj.get("group_id")[:, 0].contiguous(),
         }
+
+    def _rollout(self, env: FlowDenoiseEnv, request: TensorDict | None = None) -> TensorDict:
+        """One whole episode of ``env`` with the policy: the fused ``env.rollout``, the model under
+        autocast when mixed precision is on (the env's decode and rewards never are)."""
+        with self._autocast():
+            return env.rollout(env.num_steps, self.policy, tensordict=request)
+
+    def _trajectory_drift(self, traj: TensorDict) -> list[torch.Tensor]:
+        """``drift_kl`` at every step of ``traj`` but the last, one step (one reference forward) at a time."""
+        return [self.drift_kl(traj[:, k]) for k in range(traj.batch_size[1] - 1)]
 
     # ------------------------------------------------------------------ 2-3. advantages and updates
     def training_pairs(self, rollout: Mapping[str, Any]) -> TensorDict:
@@ -364,16 +367,11 @@ class Trainer:
                 )
                 request = TensorDict({}, batch_size=env.batch_size, device=self.device)
                 request.set("prompt", NonTensorStack(*part, batch_size=env.batch_size))
-                td = env.reset(request)
-                for k in range(env.num_steps):
-                    with self._autocast():
-                        td = self.policy(td)
-                    if k < env.num_steps - 1:
-                        drift.append(self.drift_kl(td))
-                    td = env.step(td).get("next")
-                rewards.append(td.get("reward").reshape(-1))
-                for name, value in td.get("reward_terms").items():
-                    terms.setdefault(name, []).append(value.reshape(-1))
+                traj = self._rollout(env, request)
+                drift.extend(self._trajectory_drift(traj))
+                rewards.append(traj.get(("next", "reward"))[:, -1].reshape(-1).contiguous())
+                for name, value in traj.get(("next", "reward_terms")).items():
+                    terms.setdefault(name, []).append(value[:, -1].reshape(-1).contiguous())
                 images.append(env.last_images)
         finally:
             self.policy.guidance_scale = previous_guidance

@@ -320,7 +320,8 @@ class FlowDenoiseEnv(EnvBase):
     def _finish_episode(self, final_latent: Tensor) -> tuple[Tensor, TensorDict]:
         """Decode the final latents and score them: ``(reward (B, 1), reward_terms)``; keeps the images."""
         B, dev = self.batch_size[0], self.device
-        with torch.no_grad():
+        # the decoder and the reward models run in their own precision, never under a caller's autocast
+        with torch.no_grad(), torch.autocast(device_type=final_latent.device.type, enabled=False):
             images = self.backend.decode(final_latent)
             total, terms = self.rewards(images, self._state["prompts"])
         self._state["images"] = images
