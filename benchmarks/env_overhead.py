@@ -12,7 +12,10 @@ medians reported):
   loops and the gymnasium views use), same reward, without keeping a trajectory;
 * with the task's reward model: the same rollout with the ``digit_alignment`` classifier, and that
   decode + classifier alone ("models");
-* noise: the Gaussian draws no rollout can avoid (initial noise + one draw per stochastic step).
+* noise: the Gaussian draws no rollout can avoid (initial noise + one draw per stochastic step);
+* floor: a bare loop with only what any rollout that keeps its trajectory must do -- the forwards,
+  the noise, the kernel's mean and sample (five tensor operations) and writing latent, velocity,
+  mean, action and next latent into ``[B, K]`` buffers -- and no env, prompts or log-probs.
 
 and prints
 
@@ -21,7 +24,8 @@ and prints
 * ``stepwise ratio``: the same for the per-step API;
 * ``all-in ratio`` = rollout with the reward model / (bare + models): the whole rollout over all
   the model compute it needs;
-* ``noise share`` = noise / bare: the part of the env ratio that is the sampler itself.
+* ``noise share`` = noise / bare: the part of the env ratio that is the sampler itself;
+* ``floor ratio`` = floor / bare: what this machine allows any such rollout, env or not.
 
     python benchmarks/env_overhead.py                 # digits backend, CPU
     python benchmarks/env_overhead.py --backend toy --device cuda
@@ -78,6 +82,21 @@ def reward_models(env) -> None:
     env.rewards(env.backend.decode(env._state["latent"]), env._state["prompts"])
 
 
+@torch.no_grad()
+def floor_loop(env, policy, td) -> None:
+    latent, cond = td.get("latent"), td.get("conditioning")
+    B, K = latent.shape[0], env.num_steps
+    buffers = [latent.new_empty((B, K, *latent.shape[1:])) for _ in range(5)]
+    generator = policy._noise_generator(env.device)
+    for k in range(K):
+        buffers[0][:, k] = latent
+        velocity = env.backend.velocity(latent, env.sigmas[k].expand(B), cond, policy.guidance_scale)
+        loc = latent * 0.99
+        loc.add_(velocity * -0.1)
+        latent = torch.randn(loc.shape, generator=generator, device=loc.device).mul_(0.1).add_(loc)
+        buffers[1][:, k], buffers[2][:, k], buffers[3][:, k], buffers[4][:, k] = velocity, loc, latent, latent
+
+
 def noise_draws(env, policy) -> None:
     draws = 1 + int(env.episode_stochastic_mask.sum())
     shape = (env.batch_size[0], *env.backend.latent_shape)
@@ -99,6 +118,7 @@ def measure(backend: str, batch: int, device: str, repeats: int, group_size: int
         "full_rollout": lambda: fused_rollout(full_env, policy),
         "models": lambda: reward_models(full_env),
         "noise": lambda: noise_draws(env, policy),
+        "floor": lambda: floor_loop(env, policy, td),
     }
     for _ in range(3):  # warm-up (allocator, prompt cache, lazy init)
         for run in runs.values():
@@ -115,6 +135,7 @@ def measure(backend: str, batch: int, device: str, repeats: int, group_size: int
         "stepwise_ratio": t["stepwise"] / t["bare"],
         "all_in_ratio": t["full_rollout"] / (t["bare"] + t["models"]),
         "noise_share": t["noise"] / t["bare"],
+        "floor_ratio": t["floor"] / t["bare"],
     }
 
 
@@ -129,12 +150,12 @@ def main() -> None:
     print(f"backend={args.backend} device={args.device} ({device_name}), torch threads={torch.get_num_threads()}, "
           f"repeats={args.repeats} (medians)")
     header = ("batch", "bare ms", "rollout ms", "stepwise ms", "models ms", "full ms", "noise ms",
-              "env ratio", "stepwise ratio", "all-in ratio", "noise share")
+              "env ratio", "stepwise ratio", "all-in ratio", "noise share", "floor ratio")
     print(" ".join(f"{h:>13}" for h in header))
     for batch in args.batches:
         r = measure(args.backend, batch, args.device, args.repeats)
         values = (r["batch"], r["bare_ms"], r["rollout_ms"], r["stepwise_ms"], r["models_ms"], r["full_rollout_ms"], r["noise_ms"],
-                  r["env_ratio"], r["stepwise_ratio"], r["all_in_ratio"], r["noise_share"])
+                  r["env_ratio"], r["stepwise_ratio"], r["all_in_ratio"], r["noise_share"], r["floor_ratio"])
         print(" ".join(f"{v:>13}" if isinstance(v, int) else f"{v:>13.3f}" for v in values))
 
 

@@ -1,20 +1,22 @@
 """Fused rollouts: a whole ``FlowDenoiseEnv`` episode with a ``FlowPolicy`` in one loop.
 
 TorchRL's generic ``EnvBase.rollout`` calls ``policy(td)`` and ``env.step(td)`` at every step. For a
-small model that bookkeeping costs as much as the model: per step about 0.3 ms of tensordict work
-in ``EnvBase.step`` and 0.4 ms of per-step validation in the policy and the kernel, against a 1.7 ms
-digits forward at batch 256 on two CPU cores. In this environment the whole batch always sits at
-the same step, so the schedule can be checked, and the kernel's coefficients computed, once per
-episode (``FlowPolicy.plan_episode``); the loop then touches bare tensors only, and the ``[B, K]``
-trajectory is assembled once at the end.
+small model that bookkeeping costs about as much as the model: per step some 0.3 ms of tensordict
+work in ``EnvBase.step`` and 0.4 ms of per-step validation in the policy and the kernel, against a
+1.7 ms digits forward at batch 256 on two CPU cores. In this environment the whole batch always
+sits at the same step, so the schedule can be checked, and the kernel's coefficients computed, once
+per episode (``FlowPolicy.plan_episode``); the loop then touches bare tensors only and writes each
+step into the ``[B, K]`` trajectory as it is produced, log-probs and the finiteness check are one
+pass over the whole episode, and the TensorDict is built once at the end.
 
 ``FlowDenoiseEnv.rollout`` takes this path for the usual call, a whole episode with a
 ``FlowPolicy`` (``env.rollout(env.num_steps, policy)``); any other call goes through TorchRL's
 loop. Both give the same trajectory, key for key: ``tests/test_rollout.py`` checks they are equal
-bit for bit on CPU, with the same generators. Two differences in layout, not in values: the
-trajectory's ``conditioning`` entries are expanded (read-only) views of the episode's conditioning
-rather than K copies, which matters for SD3's text embeddings, and the ``prompt`` entries stack the
-episode's prompt stack K times.
+bit for bit (``sample_log_prob`` to 1e-6: ``log(std)`` may differ in its last bit between a
+vectorised and a scalar ``log``), with the same generators. One difference in layout, not in
+values: the trajectory's ``conditioning`` entries are expanded (read-only) views of the episode's
+conditioning rather than K copies, which matters for SD3's text embeddings (flatten with
+``reshape``, not ``view``).
 """
 
 from __future__ import annotations
@@ -107,8 +109,11 @@ def fused_rollout(env, policy: FlowPolicy, request: TensorDictBase | None = None
     # the log-prob reads every action and mean ((action - loc)^2 with finite stds): a NaN or inf in
     # either makes it non-finite, so checking the small (B, K) result checks the whole trajectory
     if not all_finite(log_prob):  # one check (one sync) per episode instead of one per step
-        bad = int((~torch.isfinite(buffers["action"])).flatten(2).any(-1).any(0).nonzero()[0])
-        raise ValueError(f"the policy's action at step {bad} holds NaN or inf; the next latent must be finite")
+        bad_actions = (~torch.isfinite(buffers["action"])).flatten(2).any(-1).any(0).nonzero().flatten().tolist()
+        if bad_actions:
+            raise ValueError(f"the policy's action at step {bad_actions[0]} holds NaN or inf; the next latent must be finite")
+        step = int((~torch.isfinite(log_prob)).any(0).nonzero()[0])
+        raise ValueError(f"the log-probability at step {step} overflows (finite but huge latents); the latents must stay finite")
     reward, reward_terms = env._finish_episode(latent)
     state.update(latent=latent, step=env.num_steps, reward_terms=reward_terms)
     # like TorchRL, the trajectory takes the device of a reset request that has none

@@ -43,6 +43,22 @@ def test_digits_rollout_on_device(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_fused_rollout_matches_torchrl_loop_on_device(device):
+    from torchrl.envs import EnvBase
+
+    runs = []
+    for generic in (False, True):
+        env = make_env("digits", num_prompts=2, group_size=4, device=device, seed=0, stochastic_steps={"window": 3, "range": [0, 8]})
+        policy = FlowPolicy(env.backend, seed=0)
+        with torch.no_grad():
+            runs.append(EnvBase.rollout(env, env.num_steps, policy) if generic else env.rollout(env.num_steps, policy))
+    fused, loop = runs
+    for key in ("latent", "velocity", "loc", "action", ("next", "latent"), ("next", "reward"), "scale"):
+        assert torch.equal(fused.get(key), loop.get(key)), key
+    torch.testing.assert_close(fused.get("sample_log_prob"), loop.get("sample_log_prob"), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_trainer_iteration_on_device(device, tmp_path):
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[*(o for o in SMALL if not o.startswith("device=")), f"device={device}", "trainer.iterations=2"])

@@ -220,4 +220,4 @@ def test_env_overhead_benchmark_runs():
     result = module.measure("toy", batch=16, device="cpu", repeats=2)
     for key in ("bare_ms", "rollout_ms", "stepwise_ms", "full_rollout_ms", "models_ms", "noise_ms"):
         assert result[key] > 0, key
-    assert result["env_ratio"] > 0 and result["all_in_ratio"] > 0 and result["noise_share"] > 0
+    assert result["env_ratio"] > 0 and result["all_in_ratio"] > 0 and result["noise_share"] > 0 and result["floor_ratio"] > 0
