@@ -45,6 +45,14 @@ DRIFT_KERNEL_NOISE = 0.7
 _STEP_KEYS = ("latent", "sigma", "sigma_next", "stochastic", "step", "action", "sample_log_prob", "loc", "scale", "velocity")
 
 
+def _final_rewards(traj: TensorDict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The terminal reward ``(B,)`` and reward terms of a ``[B, K]`` trajectory, as contiguous copies:
+    reductions over the strided last-step view would sum in another order."""
+    reward = traj.get(("next", "reward"))[:, -1].reshape(-1).contiguous()
+    terms = {name: value[:, -1].reshape(-1).contiguous() for name, value in traj.get(("next", "reward_terms")).items()}
+    return reward, terms
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -222,13 +230,13 @@ class Trainer:
         traj = self._rollout(self.env)
         measure_drift = bool(self.cfg["trainer"].get("drift_every_iteration", True))
         drift = self._trajectory_drift(traj) if measure_drift else []
+        reward, reward_terms = _final_rewards(traj)
         return {
             "drift_kl": float(torch.stack(drift).mean()) if drift else float("nan"),
             "trajectory": traj.select(*_STEP_KEYS),  # [B, K]
             "conditioning": traj.get("conditioning")[:, 0],
-            # contiguous copies of the last step: reductions over a strided view sum in another order
-            "reward": traj.get(("next", "reward"))[:, -1].reshape(-1).contiguous(),
-            "reward_terms": {k: v[:, -1].reshape(-1).contiguous() for k, v in traj.get(("next", "reward_terms")).items()},
+            "reward": reward,
+            "reward_terms": reward_terms,
             "prompts": traj.get("prompt")[:, 0].tolist(),
             "group_id": traj.get("group_id")[:, 0].contiguous(),
         }
@@ -369,9 +377,10 @@ class Trainer:
                 request.set("prompt", NonTensorStack(*part, batch_size=env.batch_size))
                 traj = self._rollout(env, request)
                 drift.extend(self._trajectory_drift(traj))
-                rewards.append(traj.get(("next", "reward"))[:, -1].reshape(-1).contiguous())
-                for name, value in traj.get(("next", "reward_terms")).items():
-                    terms.setdefault(name, []).append(value[:, -1].reshape(-1).contiguous())
+                reward, reward_terms = _final_rewards(traj)
+                rewards.append(reward)
+                for name, value in reward_terms.items():
+                    terms.setdefault(name, []).append(value)
                 images.append(env.last_images)
         finally:
             self.policy.guidance_scale = previous_guidance

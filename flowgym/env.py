@@ -249,7 +249,7 @@ class FlowDenoiseEnv(EnvBase):
                 "prompt_index": state["prompt_index"],
                 "group_id": state["group_id"],
                 "conditioning": state["conditioning"],
-                "reward_terms": state["reward_terms"] if state["reward_terms"] is not None else self._zero_reward_terms(),
+                "reward_terms": self._reward_terms(),
             },
             batch_size=[B],
             device=dev,
@@ -292,8 +292,6 @@ class FlowDenoiseEnv(EnvBase):
             chosen = self._draw_prompts()
             prompts = [self.prompt_list[i] for i in chosen for _ in range(G)]
             prompt_index = torch.tensor(chosen, dtype=torch.int64).repeat_interleave(G)
-        if "_group_id" not in self.__dict__:  # the same every episode
-            self._group_id = (torch.arange(B) // G).to(dev)
         shape = self.backend.latent_shape
         if self.share_initial_noise:
             noise = torch.randn((self.num_prompts, *shape), generator=self._generator).repeat_interleave(G, dim=0)
@@ -305,7 +303,7 @@ class FlowDenoiseEnv(EnvBase):
             "step": 0,
             "prompts": prompts,
             "prompt_index": prompt_index.to(dev),
-            "group_id": self._group_id.clone(),
+            "group_id": torch.arange(B, device=dev) // G,
             "conditioning": self.backend.encode_prompts(prompts).to(dev),
             "stochastic_mask": mask,
             # built once per episode: a stack of B strings is costly to build and to validate
@@ -313,9 +311,14 @@ class FlowDenoiseEnv(EnvBase):
             "reward_terms": None,  # zeros until the terminal step; built when an observation needs them
         }
 
-    def _zero_reward_terms(self) -> TensorDict:
-        B, dev = self.batch_size[0], self.device
-        return TensorDict({name: torch.zeros(B, 1, device=dev) for name in self.rewards.names}, batch_size=[B], device=dev)
+    def _reward_terms(self) -> TensorDict:
+        """The episode's reward terms: zeros until the terminal step, built the first time they are needed."""
+        if self._state["reward_terms"] is None:
+            B, dev = self.batch_size[0], self.device
+            self._state["reward_terms"] = TensorDict(
+                {name: torch.zeros(B, 1, device=dev) for name in self.rewards.names}, batch_size=[B], device=dev
+            )
+        return self._state["reward_terms"]
 
     def _finish_episode(self, final_latent: Tensor) -> tuple[Tensor, TensorDict]:
         """Decode the final latents and score them: ``(reward (B, 1), reward_terms)``; keeps the images."""
@@ -358,9 +361,7 @@ class FlowDenoiseEnv(EnvBase):
         dev = self.device
         done = k + 1 == self.num_steps
         reward = torch.zeros(B, 1, device=dev)
-        reward_terms = self._state["reward_terms"]
-        if reward_terms is None:
-            reward_terms = self._state["reward_terms"] = self._zero_reward_terms()
+        reward_terms = self._reward_terms()
         if done:
             reward, reward_terms = self._finish_episode(action)
         self._state.update(latent=action.clone(), step=k + 1, reward_terms=reward_terms)

@@ -129,6 +129,16 @@ def apply_step_coefficients(x: Tensor, v: Tensor, c_x: Tensor | float, c_v: Tens
     return x * c_x + v * c_v
 
 
+def _score_corrected_coefficients(s: Tensor, dt: Tensor, g_sq: Tensor | float) -> tuple[Tensor, Tensor]:
+    """Euler-Maruyama mean of ``dx = (v - g^2 / 2 * score) dt`` with ``score = -(x + (1 - s) v) / s``::
+
+        c_x = 1 + g^2 dt / (2 s),  c_v = (1 + g^2 (1 - s) / (2 s)) * dt
+
+    Flow-SDE (``g = sigma_t``, which depends on sigma) and Dance-SDE (``g = eta``) share it.
+    """
+    return 1.0 + g_sq * dt / (2.0 * s), (1.0 + g_sq * (1.0 - s) / (2.0 * s)) * dt
+
+
 def ode_coefficients(s: Tensor, s_next: Tensor, noise_level: float = 0.0) -> StepCoefficients:
     """Euler step: ``c_x = 1``, ``c_v = dt = sigma_next - sigma``, ``std = 0``."""
     dt = s_next - s
@@ -151,9 +161,7 @@ def flow_sde_coefficients(
     else:
         s_denominator = torch.where(s >= 1.0, s_next, s)
     sigma_t = noise_level * torch.sqrt(s / (1.0 - s_denominator))
-    sigma_t_sq = sigma_t**2
-    c_x = 1.0 + sigma_t_sq * dt / (2.0 * s)
-    c_v = (1.0 + sigma_t_sq * (1.0 - s) / (2.0 * s)) * dt
+    c_x, c_v = _score_corrected_coefficients(s, dt, sigma_t**2)
     return c_x, c_v, sigma_t * torch.sqrt(-dt)
 
 
@@ -182,9 +190,7 @@ def dance_sde_coefficients(s: Tensor, s_next: Tensor, noise_level: float = 0.3) 
     folded into the two coefficients).
     """
     dt = s_next - s
-    eta_sq = noise_level**2
-    c_x = 1.0 + eta_sq * dt / (2.0 * s)
-    c_v = (1.0 + eta_sq * (1.0 - s) / (2.0 * s)) * dt
+    c_x, c_v = _score_corrected_coefficients(s, dt, noise_level**2)
     return c_x, c_v, noise_level * torch.sqrt(-dt)
 
 

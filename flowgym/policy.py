@@ -30,6 +30,7 @@ from torchrl.envs.utils import ExplorationType, exploration_type
 
 from flowgym.backends.base import FlowBackend
 from flowgym.kernels import (
+    apply_step_coefficients,
     gaussian_log_prob,
     get_kernel,
     get_kernel_coefficients,
@@ -262,8 +263,7 @@ class FlowPolicy(TensorDictModuleBase):
     def sample_planned(self, latent: Tensor, velocity: Tensor, step: PlannedStep) -> tuple[Tensor, Tensor]:
         """``(loc, action)`` of one planned step: bit for bit what ``forward`` gives for the same
         state and generator, without re-validating the schedule at every step."""
-        loc = latent.float() * step.c_x
-        loc.add_(velocity * step.c_v)  # = c_x * x + c_v * v (flowgym.kernels.apply_step_coefficients)
+        loc = apply_step_coefficients(latent.float(), velocity, step.c_x, step.c_v)
         if _deterministic_exploration():
             return loc, loc
         noise = self._noise(loc)  # drawn at deterministic steps too, as ``forward`` does
