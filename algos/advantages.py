@@ -28,6 +28,8 @@ from typing import Callable, Literal, Mapping, Protocol, Sequence, TypeVar
 import torch
 from torch import Tensor
 
+from flowgym.registry import Registry
+
 __all__ = [
     "ADVANTAGES",
     "AdvantageEstimator",
@@ -292,27 +294,19 @@ class AdvantageEstimator(Protocol):
     def __call__(self, rewards_total: Tensor, reward_terms: Mapping[str, Tensor], prompts: Sequence[str], group_ids: Tensor) -> Tensor: ...
 
 
-ADVANTAGES: dict[str, Callable[..., AdvantageEstimator]] = {}
+#: advantage estimators by name; ``@register_advantage("name")`` adds one
+ADVANTAGES: Registry[Callable[..., AdvantageEstimator]] = Registry("advantage estimator")
 _T = TypeVar("_T")
 
 
 def register_advantage(name: str) -> Callable[[_T], _T]:
     """Decorator registering an estimator factory (a class whose instances follow ``AdvantageEstimator``)."""
-
-    def decorator(factory: _T) -> _T:
-        if name in ADVANTAGES and ADVANTAGES[name] is not factory:
-            raise ValueError(f"an advantage estimator named {name!r} is already registered")
-        ADVANTAGES[name] = factory  # type: ignore[assignment]
-        return factory
-
-    return decorator
+    return ADVANTAGES.register(name)
 
 
 def make_advantage(name: str, **kwargs) -> AdvantageEstimator:
     """Build the estimator registered as ``name`` (one of ``ADVANTAGES``) with its keyword arguments."""
-    if name not in ADVANTAGES:
-        raise ValueError(f"unknown advantage estimator {name!r}; accepted: {sorted(ADVANTAGES)}")
-    return ADVANTAGES[name](**kwargs)
+    return ADVANTAGES.lookup(name)(**kwargs)
 
 
 @register_advantage("group")

@@ -79,7 +79,7 @@ def stepwise_rollout(env, policy) -> None:
 
 @torch.no_grad()
 def reward_models(env) -> None:
-    env.rewards(env.backend.decode(env._state["latent"]), env._state["prompts"])
+    env.rewards(env.backend.decode(env.episode.latent), env.episode.prompts)
 
 
 @torch.no_grad()

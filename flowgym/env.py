@@ -28,6 +28,7 @@ Which steps are stochastic (the only ones an algorithm trains on) is set by ``st
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -43,7 +44,7 @@ from flowgym.rewards import RewardComposer
 from flowgym.schedules import make_sigmas
 from flowgym.td_utils import set_prebuilt, stack_non_tensors
 
-__all__ = ["FlowDenoiseEnv", "resolve_prompts", "stochastic_step_mask"]
+__all__ = ["EpisodeState", "FlowDenoiseEnv", "resolve_prompts", "stochastic_step_mask"]
 
 StochasticSpec = str | Sequence[int] | Mapping[str, object]
 
@@ -89,8 +90,35 @@ def stochastic_step_mask(spec: StochasticSpec, num_steps: int, generator: torch.
     return mask
 
 
+@dataclass
+class EpisodeState:
+    """The episode in progress: what ``FlowDenoiseEnv.start_episode`` draws and the steps advance.
+
+    ``latent`` (B, *latent_shape) is the current state at step ``step``; ``prompts`` (B strings),
+    ``prompt_index`` and ``group_id`` (B,) and ``conditioning`` (the backend's encoding, batch B) are
+    fixed for the episode, as is ``stochastic_mask`` (K,). ``prompt_stack`` is the prompts as one
+    read-only ``NonTensorStack``; ``reward_terms`` is None until something needs the (zero) terms,
+    and holds the scores after the terminal step; ``images`` are the decoded final images.
+    """
+
+    latent: Tensor
+    step: int
+    prompts: list[str]
+    prompt_index: Tensor
+    group_id: Tensor
+    conditioning: TensorDictBase
+    stochastic_mask: Tensor
+    prompt_stack: NonTensorStack
+    reward_terms: TensorDict | None = None
+    images: Tensor | None = None
+
+
 class FlowDenoiseEnv(EnvBase):
     """Batched TorchRL environment over the denoising MDP of ``backend``.
+
+    Besides TorchRL's ``reset`` / ``step`` / ``rollout``, the episode API is public for loops that
+    drive the env without TorchRL's per-step bookkeeping (``flowgym.rollout``): ``start_episode``,
+    ``episode`` (the ``EpisodeState``), ``finish_episode`` and ``prompts_from_request``.
 
     Args:
         backend: the model family (velocity model, prompt encoder, decoder).
@@ -99,7 +127,8 @@ class FlowDenoiseEnv(EnvBase):
         num_steps: denoising steps K per episode.
         shift: the schedule's static shift, or ``"dynamic"`` (see ``flowgym.schedules``).
         prompts: a list, a ``.txt`` file, or a prompt-set name of the backend (``"train"``).
-        rewards: ``{reward_name: weight}`` or a ``RewardComposer``.
+        rewards: ``{reward_name: weight}`` or a ``RewardComposer`` (default: the backend's
+            ``default_rewards()``).
         reward_kwargs: per-reward constructor arguments, ``{reward_name: {...}}``.
         stochastic_steps: see the module docstring.
         share_initial_noise: one initial noise per group instead of one per sample.
@@ -144,7 +173,7 @@ class FlowDenoiseEnv(EnvBase):
         self.sigmas = make_sigmas(num_steps, shift, image_seq_len).to(device)
         self.prompt_list = resolve_prompts(backend, prompts)
         if rewards is None:
-            rewards = self._default_rewards(backend)
+            rewards = backend.default_rewards()
         self.rewards = rewards if isinstance(rewards, RewardComposer) else RewardComposer(rewards, reward_kwargs)
         self.rewards.to(device)
         self.stochastic_spec = stochastic_steps
@@ -153,12 +182,8 @@ class FlowDenoiseEnv(EnvBase):
         self.policy_defaults = dict(policy_defaults or {})
         self._generator = torch.Generator()
         self._generator.manual_seed(seed if seed is not None else int(torch.seed() % 2**62))
-        self._state: dict[str, object] | None = None
+        self._episode: EpisodeState | None = None
         self._make_specs()
-
-    @staticmethod
-    def _default_rewards(backend: FlowBackend) -> dict[str, float]:
-        return {"digit_alignment": 1.0} if backend.name == "digits" else {"jpeg_compressibility": 1.0}
 
     # ------------------------------------------------------------------ specs
     def _make_specs(self) -> None:
@@ -202,11 +227,16 @@ class FlowDenoiseEnv(EnvBase):
 
     # ------------------------------------------------------------------ helpers
     @property
+    def episode(self) -> EpisodeState:
+        """The episode in progress (``RuntimeError`` before the first reset)."""
+        if self._episode is None:
+            raise RuntimeError("the environment has not been reset")
+        return self._episode
+
+    @property
     def episode_stochastic_mask(self) -> torch.Tensor:
         """The current episode's per-step stochastic mask (length K)."""
-        if self._state is None:
-            raise RuntimeError("the environment has not been reset")
-        return self._state["stochastic_mask"]  # type: ignore[return-value]
+        return self.episode.stochastic_mask
 
     def make_policy(self, **overrides):
         """A ``FlowPolicy`` on this env's backend with the env's policy defaults (and overrides)."""
@@ -231,38 +261,37 @@ class FlowDenoiseEnv(EnvBase):
         return stack_non_tensors([cache[p] for p in prompts], stack_dim=0)
 
     def _observation(self) -> TensorDict:
-        state = self._state
-        assert state is not None
-        B, k = self.batch_size[0], int(state["step"])
+        state = self.episode
+        B, k = self.batch_size[0], int(state.step)
         dev = self.device
         finished = k >= self.num_steps
         sigma = self.sigmas[k]
         sigma_next = self.sigmas[k + 1] if not finished else self.sigmas[k]
-        stochastic = bool(state["stochastic_mask"][k]) if not finished else False
+        stochastic = bool(state.stochastic_mask[k]) if not finished else False
         obs = TensorDict(
             {
-                "latent": state["latent"],
+                "latent": state.latent,
                 "step": torch.full((B,), k, dtype=torch.int64, device=dev),
                 "sigma": sigma.expand(B).clone(),
                 "sigma_next": sigma_next.expand(B).clone(),
                 "stochastic": torch.full((B,), stochastic, dtype=torch.bool, device=dev),
-                "prompt_index": state["prompt_index"],
-                "group_id": state["group_id"],
-                "conditioning": state["conditioning"],
+                "prompt_index": state.prompt_index,
+                "group_id": state.group_id,
+                "conditioning": state.conditioning,
                 "reward_terms": self._reward_terms(),
             },
             batch_size=[B],
             device=dev,
         )
-        set_prebuilt(obs, "prompt", state["prompt_stack"])
+        set_prebuilt(obs, "prompt", state.prompt_stack)
         return obs
 
     # ------------------------------------------------------------------ EnvBase hooks
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
-        self._start_episode(self._explicit_prompts(tensordict))
-        return self._reset_observation()
+        self.start_episode(self.prompts_from_request(tensordict))
+        return self.reset_observation()
 
-    def _reset_observation(self) -> TensorDict:
+    def reset_observation(self) -> TensorDict:
         """The observation at step 0 of the episode just started, with its (False) done flags."""
         B, dev = self.batch_size[0], self.device
         obs = self._observation()
@@ -271,7 +300,7 @@ class FlowDenoiseEnv(EnvBase):
         obs.set("truncated", torch.zeros(B, 1, dtype=torch.bool, device=dev))
         return obs
 
-    def _explicit_prompts(self, tensordict: TensorDictBase | None) -> list[str] | None:
+    def prompts_from_request(self, tensordict: TensorDictBase | None) -> list[str] | None:
         """The prompts a reset request names (its ``prompt`` entry, one per batch element), or None."""
         if tensordict is None or "prompt" not in tensordict.keys():
             return None
@@ -281,8 +310,12 @@ class FlowDenoiseEnv(EnvBase):
             raise ValueError(f"reset got {len(explicit)} prompts; expected one per batch element ({self.batch_size[0]})")
         return [str(p) for p in explicit]
 
-    def _start_episode(self, prompts: list[str] | None) -> None:
-        """Draw (or take) the prompts, the initial noise and the stochastic steps: the new ``_state``."""
+    def start_episode(self, prompts: list[str] | None = None) -> EpisodeState:
+        """Draw (or take) the prompts, the initial noise and the stochastic steps of a new episode.
+
+        ``prompts``: one per batch element, or None to draw ``num_prompts`` and repeat each
+        ``group_size`` times. Returns the new ``EpisodeState`` (also ``env.episode``).
+        """
         B, G = self.batch_size[0], self.group_size
         dev = self.device
         if prompts is not None:
@@ -298,36 +331,42 @@ class FlowDenoiseEnv(EnvBase):
         else:
             noise = torch.randn((B, *shape), generator=self._generator)
         mask = stochastic_step_mask(self.stochastic_spec, self.num_steps, self._generator)
-        self._state = {
-            "latent": noise.to(dev),
-            "step": 0,
-            "prompts": prompts,
-            "prompt_index": prompt_index.to(dev),
-            "group_id": torch.arange(B, device=dev) // G,
-            "conditioning": self.backend.encode_prompts(prompts).to(dev),
-            "stochastic_mask": mask,
+        self._episode = EpisodeState(
+            latent=noise.to(dev),
+            step=0,
+            prompts=prompts,
+            prompt_index=prompt_index.to(dev),
+            group_id=torch.arange(B, device=dev) // G,
+            conditioning=self.backend.encode_prompts(prompts).to(dev),
+            stochastic_mask=mask,
             # built once per episode: a stack of B strings is costly to build and to validate
-            "prompt_stack": self._prompt_stack(prompts),
-            "reward_terms": None,  # zeros until the terminal step; built when an observation needs them
-        }
+            prompt_stack=self._prompt_stack(prompts),
+        )
+        return self._episode
 
     def _reward_terms(self) -> TensorDict:
         """The episode's reward terms: zeros until the terminal step, built the first time they are needed."""
-        if self._state["reward_terms"] is None:
+        state = self.episode
+        if state.reward_terms is None:
             B, dev = self.batch_size[0], self.device
-            self._state["reward_terms"] = TensorDict(
+            state.reward_terms = TensorDict(
                 {name: torch.zeros(B, 1, device=dev) for name in self.rewards.names}, batch_size=[B], device=dev
             )
-        return self._state["reward_terms"]
+        return state.reward_terms
 
-    def _finish_episode(self, final_latent: Tensor) -> tuple[Tensor, TensorDict]:
-        """Decode the final latents and score them: ``(reward (B, 1), reward_terms)``; keeps the images."""
+    def finish_episode(self, final_latent: Tensor) -> tuple[Tensor, TensorDict]:
+        """Decode the final latents and score them: ``(reward (B, 1), reward_terms)``.
+
+        Keeps the images in ``episode.images``; the caller records the final state (``episode.latent``,
+        ``episode.step``, ``episode.reward_terms``).
+        """
+        state = self.episode
         B, dev = self.batch_size[0], self.device
         # the decoder and the reward models run in their own precision, never under a caller's autocast
         with torch.no_grad(), torch.autocast(device_type=final_latent.device.type, enabled=False):
             images = self.backend.decode(final_latent)
-            total, terms = self.rewards(images, self._state["prompts"])
-        self._state["images"] = images
+            total, terms = self.rewards(images, state.prompts)
+        state.images = images
         reward_terms = TensorDict(
             {name: value.to(dev).reshape(B, 1) for name, value in terms.items()}, batch_size=[B], device=dev
         )
@@ -349,9 +388,10 @@ class FlowDenoiseEnv(EnvBase):
         return action
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
-        if self._state is None:
+        if self._episode is None:
             raise RuntimeError("step() before reset(): call reset() first")
-        k = int(self._state["step"])
+        state = self._episode
+        k = int(state.step)
         if k >= self.num_steps:
             raise RuntimeError(
                 f"the episode finished after {self.num_steps} steps; call reset() before stepping again"
@@ -363,8 +403,8 @@ class FlowDenoiseEnv(EnvBase):
         reward = torch.zeros(B, 1, device=dev)
         reward_terms = self._reward_terms()
         if done:
-            reward, reward_terms = self._finish_episode(action)
-        self._state.update(latent=action.clone(), step=k + 1, reward_terms=reward_terms)
+            reward, reward_terms = self.finish_episode(action)
+        state.latent, state.step, state.reward_terms = action.clone(), k + 1, reward_terms
         out = self._observation()
         out.set("reward", reward)
         flag = torch.full((B, 1), done, dtype=torch.bool, device=dev)
@@ -398,7 +438,7 @@ class FlowDenoiseEnv(EnvBase):
             if trajectory is not None:
                 return trajectory
             # the policy cannot plan this episode: run TorchRL's loop from the reset just made
-            tensordict, auto_reset = self._reset_observation(), False
+            tensordict, auto_reset = self.reset_observation(), False
         return super().rollout(max_steps, policy, callback, auto_reset=auto_reset, tensordict=tensordict, **kwargs)
 
     def generator_state(self) -> torch.Tensor:
@@ -414,4 +454,4 @@ class FlowDenoiseEnv(EnvBase):
     @property
     def last_images(self) -> torch.Tensor | None:
         """The decoded images of the last finished episode (None before one finishes)."""
-        return None if self._state is None else self._state.get("images")  # type: ignore[return-value]
+        return None if self._episode is None else self._episode.images

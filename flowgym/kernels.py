@@ -26,10 +26,12 @@ sums, giving the exact log-density / KL of the full latent.
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal, Union
+from typing import Callable, Literal, NamedTuple, Union
 
 import torch
 from torch import Tensor
+
+from flowgym.registry import Registry
 
 Sigma = Union[float, Tensor]
 Reduce = Literal["mean", "sum", "none"]
@@ -45,7 +47,7 @@ __all__ = [
     "cps_coefficients",
     "dance_sde_coefficients",
     "ode_coefficients",
-    "KERNEL_COEFFICIENTS",
+    "Kernel",
     "get_kernel_coefficients",
     "gaussian_log_prob",
     "gaussian_log_prob_unchecked",
@@ -54,6 +56,7 @@ __all__ = [
     "gaussian_kl",
     "flow_grpo_reference_kl",
     "KERNELS",
+    "register_kernel",
     "get_kernel",
     "StepKernel",
 ]
@@ -282,35 +285,38 @@ def dance_sde_step(
     return apply_step_coefficients(x, v, c_x, c_v), std
 
 
-KERNELS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
-    "flow_sde": flow_sde_step,
-    "cps": cps_step,
-    "dance_sde": dance_sde_step,
-    "ode": ode_step,
-}
+class Kernel(NamedTuple):
+    """A registered step kernel: the validated step function and its pure coefficient function."""
+
+    step: Callable[..., tuple[Tensor, Tensor]]
+    coefficients: Callable[..., StepCoefficients]
 
 
-KERNEL_COEFFICIENTS: dict[str, Callable[..., StepCoefficients]] = {
-    "flow_sde": flow_sde_coefficients,
-    "cps": cps_coefficients,
-    "dance_sde": dance_sde_coefficients,
-    "ode": ode_coefficients,
-}
+#: step kernels by name (``register_kernel`` adds one)
+KERNELS: Registry[Kernel] = Registry("kernel")
+
+
+def register_kernel(name: str, step: Callable[..., tuple[Tensor, Tensor]], coefficients: Callable[..., StepCoefficients]) -> Kernel:
+    """Register a step kernel: ``step(x, v, sigma, sigma_next, noise_level) -> (mean, std)`` and
+    ``coefficients(sigma, sigma_next, noise_level) -> (c_x, c_v, std)`` with ``mean = c_x x + c_v v``."""
+    return KERNELS.register(name, Kernel(step, coefficients))
+
+
+register_kernel("flow_sde", flow_sde_step, flow_sde_coefficients)
+register_kernel("cps", cps_step, cps_coefficients)
+register_kernel("dance_sde", dance_sde_step, dance_sde_coefficients)
+register_kernel("ode", ode_step, ode_coefficients)
 
 
 def get_kernel(name: str) -> Callable[..., tuple[Tensor, Tensor]]:
     """Return the step kernel registered as ``name`` (one of ``KERNELS``)."""
-    try:
-        return KERNELS[name]
-    except KeyError:
-        raise ValueError(f"unknown kernel {name!r}; accepted: {sorted(KERNELS)}") from None
+    return KERNELS.lookup(name).step
 
 
 def get_kernel_coefficients(name: str) -> Callable[..., StepCoefficients]:
     """Return the coefficient function ``(sigma, sigma_next, noise_level) -> (c_x, c_v, std)`` of
     kernel ``name``: pure tensor maths, no validation (the step functions validate)."""
-    get_kernel(name)  # the same error for an unknown name
-    return KERNEL_COEFFICIENTS[name]
+    return KERNELS.lookup(name).coefficients
 
 
 def all_finite(x: Tensor) -> bool:

@@ -83,6 +83,20 @@ def _deterministic_exploration() -> bool:
     return exploration_type() in (ExplorationType.DETERMINISTIC, ExplorationType.MODE, ExplorationType.MEAN)
 
 
+class _NoiseStream:
+    """A seeded noise generator created lazily on the device the noise is drawn on (shareable)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+        self.generator: torch.Generator | None = None
+
+    def on(self, device: torch.device) -> torch.Generator:
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(self.seed)
+        return self.generator
+
+
 class FlowPolicy(TensorDictModuleBase):
     """Gaussian denoising policy around a backend and a step kernel.
 
@@ -127,20 +141,27 @@ class FlowPolicy(TensorDictModuleBase):
         self.guidance_scale = float(guidance_scale)
         self.reduce = reduce
         self.log_prob_convention = log_prob_convention
-        self._generator: torch.Generator | None = None
-        self._seed = seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
+        self._stream = _NoiseStream(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
 
     # ------------------------------------------------------------------ randomness
     def set_seed(self, seed: int) -> None:
         """Re-seed the noise generator (created lazily on the backend's device)."""
-        self._seed = int(seed)
-        self._generator = None
+        self._stream.seed, self._stream.generator = int(seed), None
 
     def _noise_generator(self, device: torch.device) -> torch.Generator:
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self._seed)
-        return self._generator
+        return self._stream.on(device)
+
+    def with_guidance(self, guidance_scale: float) -> "FlowPolicy":
+        """This policy with another classifier-free guidance scale (for evaluation), sharing the backend
+        and the noise stream: sampling with either advances the same generator. ``self`` is unchanged."""
+        if float(guidance_scale) == self.guidance_scale:
+            return self
+        other = FlowPolicy(
+            self.backend, self.kernel_name, self.noise_level, guidance_scale, self.reduce, self.log_prob_convention,
+            seed=self._stream.seed,
+        )
+        other._stream = self._stream
+        return other
 
     def generator_state(self) -> Tensor:
         return self._noise_generator(self.backend.device).get_state()

@@ -1,133 +1,147 @@
-"""Environment factories and gymnasium registration of the ``FlowDenoise-*`` ids.
+"""Environment factories and the gymnasium registration of every family's ``FlowDenoise-*`` id.
 
-Each factory splits its keyword arguments three ways: backend arguments (which model, dtype,
-device, LoRA ...), policy defaults (``kernel``, ``noise_level``, ``guidance_scale``, used by
-``env.make_policy()``) and environment arguments (steps, shift, prompts, rewards, group size ...).
+The families and what they accept come from the backend registry (``flowgym.backends.base.BACKENDS``),
+never from a list kept here: a family's options are the keyword parameters of its
+``from_config``, its environment defaults are ``env_defaults``, its gym id is ``env_id``.
+
+``make_env(family, backend_options={...}, **env_kwargs)`` keeps backend options apart from the
+environment's arguments (what configs do: ``env.backend`` stays nested). The gymnasium entry points
+(``gym.make("FlowDenoise-Digits-v0", **kwargs)``) take one flat set of keyword arguments, split three
+ways: the family's options, ``FlowPolicy`` arguments (the env's policy defaults, used by
+``env.make_policy()``) and the environment's own arguments; anything else is an error naming what
+is accepted.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import inspect
+from typing import Any, Mapping
 
 import gymnasium as gym
 
-from flowgym.backends.base import FlowBackend
+from flowgym.backends.base import BACKENDS, FlowBackend, backend_class
 from flowgym.env import FlowDenoiseEnv
+from flowgym.policy import FlowPolicy
 
-__all__ = ["BACKENDS", "ENV_IDS", "make_backend", "make_env", "register_envs"]
-
-POLICY_KEYS = ("kernel", "noise_level", "guidance_scale", "reduce", "log_prob_convention")
-
-
-def _digits_backend(**kwargs: Any) -> FlowBackend:
-    from flowgym.backends.digits import DigitsBackend
-
-    return DigitsBackend(**kwargs)
+__all__ = ["env_ids", "make_backend", "make_env", "make_gym_env", "make_vector_env", "register_envs", "split_options"]
 
 
-def _sd3_backend(**kwargs: Any) -> FlowBackend:
-    from flowgym.backends.sd3 import SD3Backend
-
-    return SD3Backend.from_pretrained(**kwargs)
-
-
-def _toy_backend(**kwargs: Any) -> FlowBackend:
-    from flowgym.backends.toy import ToyBackend
-
-    return ToyBackend(**kwargs)
+def _keyword_names(function: Any, exclude: tuple[str, ...] = ()) -> tuple[str, ...]:
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return tuple(
+        p.name for p in inspect.signature(function).parameters.values() if p.kind in kinds and p.name not in exclude
+    )
 
 
-#: backend name -> (factory, the keyword arguments that belong to the backend, env defaults)
-BACKENDS: dict[str, tuple[Callable[..., FlowBackend], tuple[str, ...], dict[str, Any]]] = {
-    "digits": (_digits_backend, ("weights", "device", "dtype"), {"num_steps": 10, "shift": 1.0, "group_size": 8}),
-    "sd3": (
-        _sd3_backend,
-        (
-            "model", "dtype", "device", "resolution", "lora_rank", "lora_alpha", "lora_targets",
-            "full_finetune", "max_sequence_length", "local_files_only", "load_t5", "trainable_dtype",
-            "gradient_checkpointing", "revision",
-        ),
-        # shift None = the model's own scheduler shift (3.0 for SD3.5)
-        {"num_steps": 10, "shift": None, "group_size": 1, "prompts": "pickscore_demo"},
-    ),
-    "toy": (_toy_backend, ("latent_shape", "hidden", "seed", "device"), {"num_steps": 10, "shift": 3.0, "group_size": 1}),
-}
-
-ENV_IDS = {"FlowDenoise-Digits-v0": "digits", "FlowDenoise-SD3-v0": "sd3", "FlowDenoise-Toy-v0": "toy"}
+#: what FlowDenoiseEnv and FlowPolicy accept, read from their signatures
+ENV_ARGUMENTS = _keyword_names(FlowDenoiseEnv.__init__, exclude=("self", "backend", "policy_defaults"))
+POLICY_ARGUMENTS = tuple(k for k in _keyword_names(FlowPolicy.__init__, exclude=("self", "backend")) if k not in ENV_ARGUMENTS)
 
 
-def _split(name: str, kwargs: dict[str, Any]) -> tuple[Callable[[], FlowBackend], dict[str, Any], dict[str, Any]]:
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; accepted: {sorted(BACKENDS)}")
-    factory, backend_keys, env_defaults = BACKENDS[name]
-    backend_kwargs = {k: kwargs.pop(k) for k in backend_keys if k in kwargs}
-    policy_defaults = {k: kwargs.pop(k) for k in POLICY_KEYS if k in kwargs}
-    env_kwargs = {**env_defaults, **kwargs, "policy_defaults": policy_defaults}
-    if "device" in backend_kwargs and "device" not in env_kwargs:
-        env_kwargs["device"] = backend_kwargs["device"]
-    return (lambda: factory(**backend_kwargs)), env_kwargs, backend_kwargs
+def make_backend(name: str, **options: Any) -> FlowBackend:
+    """Build the backend of family ``name`` from its options (``ValueError`` for one it does not accept)."""
+    cls = backend_class(name)
+    unknown = sorted(set(options) - set(cls.options()))
+    if unknown:
+        raise ValueError(f"backend {name!r} does not accept {unknown}; accepted options: {sorted(cls.options())}")
+    return cls.from_config(**options)
 
 
-def make_backend(name: str, **kwargs: Any) -> FlowBackend:
-    """Build the backend called ``name`` (``digits``, ``sd3`` or ``toy``)."""
-    build, _, _ = _split(name, dict(kwargs))
-    return build()
+def split_options(
+    name: str, kwargs: Mapping[str, Any], extra_env_arguments: tuple[str, ...] = ()
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Flat keyword arguments -> ``(backend options, policy defaults, environment arguments)``.
+
+    A family's options are taken first (a toy backend's ``seed`` seeds the backend); ``device`` also
+    goes to the environment when the family takes it. The family's ``env_defaults`` fill in the
+    environment arguments that were not given; ``extra_env_arguments`` are accepted too (a gym view's
+    own arguments, such as ``render_mode``).
+    """
+    cls = backend_class(name)
+    kwargs = dict(kwargs)
+    backend_options = {k: kwargs.pop(k) for k in cls.options() if k in kwargs}
+    policy_defaults = {k: kwargs.pop(k) for k in POLICY_ARGUMENTS if k in kwargs}
+    accepted = (*ENV_ARGUMENTS, *extra_env_arguments)
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"unknown argument(s) {unknown} for the {name!r} environment; accepted: its backend options "
+            f"{sorted(cls.options())}, the policy's {sorted(POLICY_ARGUMENTS)} and the environment's {sorted(accepted)}"
+        )
+    env_kwargs = {**dict(cls.env_defaults), **kwargs}
+    if "device" in backend_options and "device" not in env_kwargs:
+        env_kwargs["device"] = backend_options["device"]
+    return backend_options, policy_defaults, env_kwargs
 
 
-def _default_shift(env_kwargs: dict[str, Any], backend: FlowBackend) -> dict[str, Any]:
+def _with_default_shift(env_kwargs: dict[str, Any], backend: FlowBackend) -> dict[str, Any]:
     if env_kwargs.get("shift") is None:
-        env_kwargs["shift"] = float(getattr(backend, "scheduler_shift", 3.0))
+        env_kwargs["shift"] = float(backend.scheduler_shift)
     return env_kwargs
 
 
-def make_env(name: str, backend: FlowBackend | None = None, **kwargs: Any) -> FlowDenoiseEnv:
-    """The TorchRL ``FlowDenoiseEnv`` for a backend name, e.g. ``make_env("digits", num_prompts=8)``."""
-    build, env_kwargs, _ = _split(name, dict(kwargs))
-    backend = backend if backend is not None else build()
-    return FlowDenoiseEnv(backend, **_default_shift(env_kwargs, backend))
+def make_env(
+    name: str,
+    backend: FlowBackend | None = None,
+    *,
+    backend_options: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> FlowDenoiseEnv:
+    """The TorchRL ``FlowDenoiseEnv`` of family ``name``, e.g. ``make_env("digits", num_prompts=8)``.
+
+    ``backend``: an already-built backend (else one is built from ``backend_options`` and the
+    family options among ``kwargs``).
+    """
+    flat_options, policy_defaults, env_kwargs = split_options(name, kwargs)
+    options = {**dict(backend_options or {}), **flat_options}
+    if backend is None:
+        backend = make_backend(name, **options)
+        if "device" in options and "device" not in env_kwargs:
+            env_kwargs["device"] = options["device"]
+    return FlowDenoiseEnv(backend, **_with_default_shift(env_kwargs, backend), policy_defaults=policy_defaults)
 
 
-def _gym_factory(name: str) -> Callable[..., gym.Env]:
-    def make(**kwargs: Any) -> gym.Env:
-        from flowgym.gym import FlowDenoiseGymEnv
+def make_gym_env(family: str, **kwargs: Any) -> gym.Env:
+    """The gymnasium entry point of every ``FlowDenoise-*`` id: one episode, numpy observations."""
+    from flowgym.gym import FlowDenoiseGymEnv
 
-        build, env_kwargs, _ = _split(name, dict(kwargs))
-        env_kwargs.pop("group_size", None)
-        backend = build()
-        return FlowDenoiseGymEnv(backend, **_default_shift(env_kwargs, backend))
-
-    return make
+    options, policy_defaults, env_kwargs = split_options(family, kwargs, ("latent_bound", "render_mode"))
+    env_kwargs.pop("group_size", None)
+    backend = make_backend(family, **options)
+    return FlowDenoiseGymEnv(backend, **_with_default_shift(env_kwargs, backend), policy_defaults=policy_defaults)
 
 
-def _vector_factory(name: str) -> Callable[..., gym.vector.VectorEnv]:
-    def make(num_envs: int = 1, **kwargs: Any) -> gym.vector.VectorEnv:
-        from flowgym.gym import FlowDenoiseVectorEnv
+def make_vector_env(family: str, num_envs: int = 1, **kwargs: Any) -> gym.vector.VectorEnv:
+    """The gymnasium vector entry point: ``num_envs`` samples stepping together as torch tensors."""
+    from flowgym.gym import FlowDenoiseVectorEnv
 
-        kwargs.pop("render_mode", None)
-        build, env_kwargs, _ = _split(name, dict(kwargs))
-        if "group_size" not in kwargs and num_envs % env_kwargs.get("group_size", 1):
-            # the registered group size (8 for digits) when it divides num_envs, else groups of 1
-            env_kwargs["group_size"] = 1
-        backend = build()
-        return FlowDenoiseVectorEnv(backend, num_envs, **_default_shift(env_kwargs, backend))
-
-    return make
+    kwargs.pop("render_mode", None)
+    options, policy_defaults, env_kwargs = split_options(family, kwargs, ("latent_bound", "autoreset_mode"))
+    if "group_size" not in kwargs and num_envs % env_kwargs.get("group_size", 1):
+        # the registered group size (8 for digits) when it divides num_envs, else groups of 1
+        env_kwargs["group_size"] = 1
+    backend = make_backend(family, **options)
+    return FlowDenoiseVectorEnv(backend, num_envs, **_with_default_shift(env_kwargs, backend), policy_defaults=policy_defaults)
 
 
-make_digits_gym, make_digits_vector = _gym_factory("digits"), _vector_factory("digits")
-make_sd3_gym, make_sd3_vector = _gym_factory("sd3"), _vector_factory("sd3")
-make_toy_gym, make_toy_vector = _gym_factory("toy"), _vector_factory("toy")
+def env_ids() -> dict[str, str]:
+    """``{gym id: family}`` of every registered family that has a gym id."""
+    return {cls.env_id: name for name, cls in BACKENDS.items() if cls.env_id}
 
 
 def register_envs() -> None:
-    """Register every ``FlowDenoise-*`` id with gymnasium (idempotent)."""
-    for env_id, name in ENV_IDS.items():
+    """Register the gym id of every registered family with gymnasium (idempotent).
+
+    Call it again after importing a family defined outside the package.
+    """
+    for env_id, family in env_ids().items():
         if env_id in gym.registry:
             continue
         gym.register(
             id=env_id,
-            entry_point=f"flowgym.registration:make_{name}_gym",
-            vector_entry_point=f"flowgym.registration:make_{name}_vector",
+            entry_point="flowgym.registration:make_gym_env",
+            vector_entry_point="flowgym.registration:make_vector_env",
+            kwargs={"family": family},
             max_episode_steps=None,
             disable_env_checker=True,
         )

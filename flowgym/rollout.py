@@ -86,13 +86,12 @@ def fused_rollout(env, policy: FlowPolicy, request: TensorDictBase | None = None
     after the reset when the policy cannot plan this episode (the ODE kernel, or a zero std on a
     stochastic step: the generic loop then raises the policy's own error).
     """
-    env._start_episode(env._explicit_prompts(request))
-    state = env._state
-    latent = state["latent"]
-    plan: EpisodePlan | None = policy.plan_episode(env.sigmas, state["stochastic_mask"], tuple(latent.shape))
+    state = env.start_episode(env.prompts_from_request(request))
+    latent = state.latent
+    plan: EpisodePlan | None = policy.plan_episode(env.sigmas, state.stochastic_mask, tuple(latent.shape))
     if plan is None:
         return None
-    cond = state["conditioning"]
+    cond = state.conditioning
     B, K = env.batch_size[0], env.num_steps
     # each step writes into the trajectory's buffers while its tensors are still in cache:
     # stacking K tensors at the end reads them back from memory, which costs twice as much here
@@ -114,8 +113,8 @@ def fused_rollout(env, policy: FlowPolicy, request: TensorDictBase | None = None
             raise ValueError(f"the policy's action at step {bad_actions[0]} holds NaN or inf; the next latent must be finite")
         step = int((~torch.isfinite(log_prob)).any(0).nonzero()[0])
         raise ValueError(f"the log-probability at step {step} overflows (finite but huge latents); the latents must stay finite")
-    reward, reward_terms = env._finish_episode(latent)
-    state.update(latent=latent, step=env.num_steps, reward_terms=reward_terms)
+    reward, reward_terms = env.finish_episode(latent)
+    state.latent, state.step, state.reward_terms = latent, env.num_steps, reward_terms
     # like TorchRL, the trajectory takes the device of a reset request that has none
     device = None if request is not None and request.device is None else env.device
     return _assemble(env, plan, buffers, reward, reward_terms, device)
@@ -130,7 +129,7 @@ def _assemble(
     The small per-step entries are carved out of one tensor per dtype (disjoint, contiguous
     ``[B, K]`` slices): a few large writes instead of some thirty small ones.
     """
-    state = env._state
+    state = env.episode
     B, K, dev = env.batch_size[0], env.num_steps, env.device
     sigmas, stochastic = env.sigmas, plan.stochastic.to(dev)
     steps = torch.arange(K + 1, device=dev)
@@ -139,8 +138,8 @@ def _assemble(
     floats = per_step_floats.unsqueeze(1).expand(4, B, K).contiguous()
     ints = torch.empty(6, B, K, dtype=torch.int64, device=dev)
     ints[0:2] = torch.stack([steps[:K], steps[1:]]).unsqueeze(1)
-    ints[2:4] = state["prompt_index"].unsqueeze(1)
-    ints[4:6] = state["group_id"].unsqueeze(1)
+    ints[2:4] = state.prompt_index.unsqueeze(1)
+    ints[4:6] = state.group_id.unsqueeze(1)
     flags = torch.zeros(8, B, K, dtype=torch.bool, device=dev)
     flags[0] = stochastic
     flags[1, :, :-1] = stochastic[1:]
@@ -150,8 +149,8 @@ def _assemble(
     rewards[0, :, -1] = reward
     for i, name in enumerate(names):
         rewards[1 + len(names) + i, :, -1] = reward_terms.get(name)
-    prompts = stack_non_tensors([state["prompt_stack"]] * K, stack_dim=1)
-    conditioning = state["conditioning"]
+    prompts = stack_non_tensors([state.prompt_stack] * K, stack_dim=1)
+    conditioning = state.conditioning
     root = {
         "latent": buffers["latent"],
         "step": ints[0],

@@ -29,9 +29,11 @@ from flowgym.backends.digits import (
     parse_digit,
     sample_ode,
 )
-from flowgym.backends.digits_pretrain import PretrainConfig, main, train_flow
+from flowgym.backends.digits.pretrain import PretrainConfig, main, train_flow
 from flowgym.kernels import ode_step
-from flowgym.metrics import digit_accuracy, digit_fd, frechet_distance, gaussian_statistics, prior_capability
+from flowgym.backends.base import FlowBackend
+from flowgym.backends.digits.metrics import digit_accuracy, digit_fd
+from flowgym.metrics import frechet_distance, gaussian_statistics
 from flowgym.schedules import static_shift_sigmas
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -279,10 +281,10 @@ def test_frechet_distance_is_rotation_invariant_and_zero_on_itself() -> None:
 
 def test_prior_capability_entry_point() -> None:
     images, prompts = _real_flow_split(20)
-    metrics = prior_capability("digits", images, prompts)
+    metrics = DigitsBackend().prior_capability_metrics(images, prompts)
     assert set(metrics) == {"digit_accuracy", "digit_fd"}
     assert metrics["digit_accuracy"] >= 0.95
-    assert prior_capability("sd3", images, prompts) == {}
+    assert FlowBackend.prior_capability_metrics(DigitsBackend(), images, prompts) == {}  # the base hook has none
     with pytest.raises(ValueError, match="prompts"):
         digit_accuracy(images, prompts[:-1])
     with pytest.raises(ValueError, match="reference"):

@@ -65,6 +65,7 @@ from torchrl.objectives import LossModule
 
 from algos.losses.functional import approx_kl, check_nonnegative, ratio_from_log_probs, step_divergence
 from flowgym.kernels import flow_grpo_reference_kl, gaussian_kl
+from flowgym.registry import Registry
 
 __all__ = [
     "DIAGNOSTIC_KEYS",
@@ -380,7 +381,13 @@ class FlowPolicyLoss(LossModule):
 
 
 # --------------------------------------------------------------------------- registry
-LOSSES: dict[str, type[FlowPolicyLoss]] = {}
+def _check_loss(name: str, cls: object) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, FlowPolicyLoss)):
+        raise ValueError(f"register_loss({name!r}) expects a FlowPolicyLoss subclass; got {cls!r}")
+
+
+#: losses by name; ``@register_loss("name")`` adds one
+LOSSES: Registry[type[FlowPolicyLoss]] = Registry("loss", check=_check_loss)
 
 _L = TypeVar("_L", bound=type)
 
@@ -391,15 +398,10 @@ def register_loss(name: str) -> Callable[[_L], _L]:
     ``@register_loss("drpo")`` on a class in a new file is all a new method needs; importing that
     file makes ``make_loss("drpo", policy)`` work.
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"a loss name must be a non-empty string; got {name!r}")
+    add = LOSSES.register(name)
 
     def decorator(cls: _L) -> _L:
-        if not (isinstance(cls, type) and issubclass(cls, FlowPolicyLoss)):
-            raise ValueError(f"register_loss({name!r}) expects a FlowPolicyLoss subclass; got {cls!r}")
-        if name in LOSSES and LOSSES[name] is not cls:
-            raise ValueError(f"a loss named {name!r} is already registered ({LOSSES[name].__name__})")
-        LOSSES[name] = cls
+        add(cls)
         cls.registered_name = name
         return cls
 
@@ -408,10 +410,7 @@ def register_loss(name: str) -> Callable[[_L], _L]:
 
 def get_loss_class(name: str) -> type[FlowPolicyLoss]:
     """The loss class registered as ``name``; ``ValueError`` listing the accepted names otherwise."""
-    try:
-        return LOSSES[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown loss {name!r}; accepted: {sorted(LOSSES)}") from None
+    return LOSSES.lookup(name)
 
 
 def make_loss(name: str, policy: nn.Module, **kwargs: Any) -> FlowPolicyLoss:

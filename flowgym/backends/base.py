@@ -1,35 +1,51 @@
-"""The backend interface: what a model family provides to the denoising MDP.
+"""The backend interface: what a model family provides to the denoising MDP, and the family registry.
 
 A backend owns the velocity model (the only module the policy runs each step), the prompt
 encoder (run once per distinct prompt, cached) and the decoder (run once, at the terminal step).
+A model family is one folder, ``flowgym/backends/<family>/``, whose ``__init__`` registers its
+backend class with ``@register_backend("<family>")``; the folder is found and imported on the first
+lookup of ``BACKENDS``. A family outside the package registers the same way when its module is
+imported (``env.module`` in a config).
 
-Subclasses implement four hooks:
+Subclasses implement five hooks:
 
 * ``prompt_sets()``                 -> ``{name: [prompt, ...]}`` (at least ``"train"``)
 * ``_encode(prompts)``              -> ``TensorDict`` with batch size ``[len(prompts)]``
 * ``_forward(latents, sigma, cond)`` -> velocity of the same shape as ``latents``
 * ``decode(latents)``               -> images, float32 in [0, 1], shape ``(B, C, H, W)``
+* ``velocity_model()``              -> the module whose parameters define the policy
 
-and set ``name`` and ``latent_shape``. ``velocity`` (classifier-free guidance in one batched
-forward), the prompt cache, ``trainable_parameters`` and the ``reference()`` context come from
-this base class; a backend overrides ``reference()`` when it has a cheaper way to evaluate the
-pretrained model (LoRA adapters disabled, for instance).
+and set ``name`` and ``latent_shape``. A family may also override:
+
+* ``from_config(**options)`` (a classmethod; the constructor by default): how a config builds the
+  backend. Its keyword parameters *are* the family's accepted options (``env.backend.<option>``);
+* ``env_defaults``: the environment arguments the family is meant to run with (steps, shift, group
+  size); ``env_id``: its gymnasium id (``FlowDenoise-<Name>-v0``);
+* ``default_rewards()``: ``{reward name: weight}`` used when a config names none;
+* ``prior_capability_metrics(images, prompts)``: metrics of what the pretrained model could do
+  (forgetting is measured with them at every evaluation);
+* ``reference()``: a cheaper way to evaluate the pretrained model (LoRA adapters disabled).
+
+``velocity`` (classifier-free guidance in one batched forward), the prompt cache,
+``trainable_parameters`` and the ``reference()`` context come from this base class.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterator, Sequence
+import inspect
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from tensordict import TensorDict
 from torch import Tensor, nn
 
+from flowgym.registry import Registry
 from flowgym.td_utils import tensordict_unchecked
 
-__all__ = ["FlowBackend"]
+__all__ = ["BACKENDS", "FlowBackend", "backend_class", "register_backend"]
 
 
 class FlowBackend(nn.Module):
@@ -41,6 +57,12 @@ class FlowBackend(nn.Module):
     latent_shape: tuple[int, ...] = ()
     #: the prompt classifier-free guidance pushes away from
     negative_prompt: str = ""
+    #: gymnasium id registered for the family (None: no gym id)
+    env_id: ClassVar[str | None] = None
+    #: environment arguments the family runs with unless a caller says otherwise
+    env_defaults: ClassVar[Mapping[str, Any]] = {}
+    #: the static schedule shift of the model's own scheduler, used when ``shift=None``
+    scheduler_shift: float = 3.0
 
     def __init__(self) -> None:
         super().__init__()
@@ -70,6 +92,27 @@ class FlowBackend(nn.Module):
     def velocity_model(self) -> nn.Module:
         """The module whose parameters define the policy (trained, or carrying the adapters)."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ optional hooks
+    @classmethod
+    def from_config(cls, **options: Any) -> "FlowBackend":
+        """Build the backend from its config options (the constructor's keyword arguments by default)."""
+        return cls(**options)
+
+    @classmethod
+    def options(cls) -> tuple[str, ...]:
+        """The options ``from_config`` accepts: its keyword parameters, read from its signature."""
+        parameters = inspect.signature(cls.from_config).parameters.values()
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        return tuple(p.name for p in parameters if p.kind in kinds and p.name not in ("self", "cls"))
+
+    def default_rewards(self) -> dict[str, float]:
+        """``{reward name: weight}`` when a caller names no reward (a generic, model-free reward here)."""
+        return {"jpeg_compressibility": 1.0}
+
+    def prior_capability_metrics(self, images: Tensor, prompts: Sequence[str]) -> dict[str, float]:
+        """Prior-capability metrics of decoded ``images`` for ``prompts`` (none by default)."""
+        return {}
 
     # ------------------------------------------------------------------ shared behaviour
     @property
@@ -196,3 +239,22 @@ class FlowBackend(nn.Module):
         if self._use_reference:
             return self.reference_model
         return self.velocity_model()
+
+
+def _check_backend(name: str, cls: object) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, FlowBackend)):
+        raise ValueError(f"register_backend({name!r}) expects a FlowBackend subclass; got {cls!r}")
+
+
+#: model families by name; the folders under ``flowgym/backends`` are imported on the first lookup
+BACKENDS: Registry[type[FlowBackend]] = Registry("backend", builtin_package="flowgym.backends", check=_check_backend)
+
+
+def register_backend(name: str):
+    """Class decorator registering a ``FlowBackend`` subclass as the model family ``name``."""
+    return BACKENDS.register(name)
+
+
+def backend_class(name: str) -> type[FlowBackend]:
+    """The backend class registered as ``name``; ``ValueError`` listing the families otherwise."""
+    return BACKENDS.lookup(name)

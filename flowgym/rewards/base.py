@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["Reward", "RewardComposer", "available_rewards", "make_reward", "register_reward"]
+from flowgym.registry import Registry
 
-# modules whose import registers built-in rewards; imported on the first lookup
-_BUILTIN_MODULES = ("flowgym.rewards.image", "flowgym.rewards.digits", "flowgym.rewards.hf")
-_REGISTRY: dict[str, Callable[..., "Reward"]] = {}
-_builtins_loaded = False
-
+__all__ = ["REWARDS", "Reward", "RewardComposer", "available_rewards", "make_reward", "register_reward"]
 
 class Reward:
     """A reward: ``__call__(images, prompts) -> Tensor (B,)`` of float32, higher is better.
@@ -32,44 +27,24 @@ class Reward:
         return self
 
 
+#: rewards by name; every module of ``flowgym.rewards`` is imported on the first lookup, so heavy
+#: dependencies (transformers reward models) load only when a reward is asked for
+REWARDS: Registry[Callable[..., Reward]] = Registry("reward", builtin_package="flowgym.rewards")
+
+
 def register_reward(name: str) -> Callable:
     """Decorator registering a ``Reward`` subclass (or factory returning one) under ``name``."""
-
-    def decorator(factory: Callable[..., Reward]) -> Callable[..., Reward]:
-        if name in _REGISTRY and _REGISTRY[name] is not factory:
-            raise ValueError(f"reward {name!r} is already registered")
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorator
-
-
-def _load_builtins() -> None:
-    global _builtins_loaded
-    if _builtins_loaded:
-        return
-    _builtins_loaded = True
-    for module in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as error:
-            # only a missing built-in module is tolerated, not a broken dependency inside one
-            if error.name != module:
-                raise
+    return REWARDS.register(name)
 
 
 def available_rewards() -> list[str]:
     """Names accepted by ``make_reward``."""
-    _load_builtins()
-    return sorted(_REGISTRY)
+    return REWARDS.names()
 
 
 def make_reward(name: str, **kwargs) -> Reward:
     """Build the reward registered as ``name`` with keyword arguments ``kwargs``."""
-    _load_builtins()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown reward {name!r}; accepted: {sorted(_REGISTRY)}")
-    reward = _REGISTRY[name](**kwargs)
+    reward = REWARDS.lookup(name)(**kwargs)
     reward.name = name
     return reward
 

@@ -33,7 +33,7 @@ class DigitAlignmentReward(Reward):
 
     Images of any channel count / size are averaged to grey and area-resampled to 8x8 first.
     Every prompt must name one digit (``"a handwritten 7"``); ``classifier`` may point to another
-    folder or ``.safetensors`` file written by ``digits_pretrain``.
+    folder or ``.safetensors`` file written by ``flowgym.backends.digits.pretrain``.
     """
 
     def __init__(self, classifier: str | Path | None = None, device: torch.device | str = "cpu") -> None:

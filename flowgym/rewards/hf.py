@@ -26,7 +26,7 @@ the images' device.
   ``.safetensors`` file, or a hub id with ``head_filename``.
 
 A model that is not available locally (offline, gated, wrong path) raises
-``flowgym.backends.sd3.ModelNotAvailableError`` with a short message saying how to get it.
+``flowgym.hub.ModelNotAvailableError`` with a short message saying how to get it.
 Remote code is never trusted.
 """
 
@@ -42,7 +42,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowgym.backends.sd3 import ModelNotAvailableError, _download_hint, _looks_like_path, _short, hub_offline
+from flowgym.hub import (
+    ModelNotAvailableError,
+    download_hint,
+    fetch_file,
+    load_pretrained,
+    looks_like_path,
+    resolve_device,
+    resolve_dtype,
+)
 from flowgym.rewards.base import Reward, register_reward
 
 __all__ = [
@@ -62,73 +70,6 @@ _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # ---------------------------------------------------------------------------------- loading
-def _check_local(spec: str, what: str) -> None:
-    path = Path(spec).expanduser()
-    if not path.exists() and _looks_like_path(spec):
-        raise ModelNotAvailableError(
-            f"{what}: local path {spec!r} does not exist. Pass an existing folder or a hub id; to get "
-            f"the files, {_download_hint('<hub id>')}"
-        )
-
-
-def _load(loader, spec: str | os.PathLike, what: str, local_files_only: bool | None, **kwargs):
-    """``loader.from_pretrained(spec)`` with a short ``ModelNotAvailableError`` when it is missing."""
-    spec = os.fspath(spec)
-    _check_local(spec, what)
-    offline = hub_offline(local_files_only)
-    try:
-        return loader.from_pretrained(spec, local_files_only=offline, trust_remote_code=False, **kwargs)
-    except (OSError, ValueError) as error:
-        if Path(spec).expanduser().is_dir():
-            raise  # a local folder that exists but is broken: the library's own error is the useful one
-        raise ModelNotAvailableError(
-            f"{what}: could not load {spec!r} ({'offline' if offline else 'online'}; {_short(error)}). "
-            f"To fix: {_download_hint(spec)}"
-        ) from None
-
-
-def _fetch_file(spec: str | os.PathLike, filename: str, what: str, local_files_only: bool | None) -> Path:
-    """``filename`` inside a local folder or a hub repository (cached / downloaded)."""
-    spec = os.fspath(spec)
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        target = path / filename
-        if not target.is_file():
-            raise ModelNotAvailableError(f"{what}: {str(target)!r} does not exist")
-        return target
-    _check_local(spec, what)
-    offline = hub_offline(local_files_only)
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(spec, filename, local_files_only=offline))
-    except Exception as error:
-        raise ModelNotAvailableError(
-            f"{what}: could not get {filename!r} from {spec!r} ({'offline' if offline else 'online'}; "
-            f"{_short(error)}). To fix: {_download_hint(spec)}"
-        ) from None
-
-
-def _resolve_device(device: torch.device | str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, str):
-        table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                 "float16": torch.float16, "fp16": torch.float16}
-        if dtype.lower() not in table:
-            raise ValueError(f"unknown dtype {dtype!r}; accepted: {sorted(table)}")
-        return table[dtype.lower()]
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16; got {dtype!r}")
-    return dtype
-
-
 # ---------------------------------------------------------------------------------- image path
 def _as_size(value, key: str) -> int | None:
     if value is None:
@@ -181,7 +122,7 @@ class CLIPImageTransform:
 
 
 def _load_transform(spec: str | os.PathLike, what: str, local_files_only: bool | None) -> CLIPImageTransform:
-    config_path = _fetch_file(spec, "preprocessor_config.json", what, local_files_only)
+    config_path = fetch_file(spec, "preprocessor_config.json", what, local_files_only)
     return CLIPImageTransform.from_config(json.loads(Path(config_path).read_text()))
 
 
@@ -210,11 +151,11 @@ class _CLIPReward(Reward):
         from transformers import AutoTokenizer, CLIPModel
 
         processor = model if processor is None else processor
-        self.device = _resolve_device(device)
-        self.dtype = _resolve_dtype(dtype)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device, half_on_cuda=False, allow_half_on_cpu=True)
         self.transform = _load_transform(processor, f"{what} processor", local_files_only)
-        self.tokenizer = _load(AutoTokenizer, processor, f"{what} tokenizer", local_files_only) if need_text else None
-        self.model = _load(CLIPModel, model, what, local_files_only, dtype=self.dtype)
+        self.tokenizer = load_pretrained(AutoTokenizer, processor, f"{what} tokenizer", local_files_only) if need_text else None
+        self.model = load_pretrained(CLIPModel, model, what, local_files_only, dtype=self.dtype)
         self.model.requires_grad_(False).eval().to(self.device)
 
     def to(self, device: torch.device | str) -> "_CLIPReward":
@@ -366,14 +307,14 @@ def load_aesthetic_head(
                 )
             path = files[0]
     elif not path.exists():
-        if _looks_like_path(spec) or spec.endswith((".safetensors", ".pth", ".pt")):
+        if looks_like_path(spec) or spec.endswith((".safetensors", ".pth", ".pt")):
             raise ModelNotAvailableError(
                 f"{what}: {spec!r} does not exist. Give the MLP weights as a .safetensors or .pth file "
                 "(sac+logos+ava1-l14-linearMSE.pth from github.com/christophschuhmann/improved-aesthetic-predictor)"
             )
         if head_filename is None:
             raise ValueError(f"{what}: {spec!r} looks like a hub id; also pass head_filename= (the file in it)")
-        path = _fetch_file(spec, head_filename, what, local_files_only)
+        path = fetch_file(spec, head_filename, what, local_files_only)
     if not path.is_file():
         raise ModelNotAvailableError(f"{what}: {str(path)!r} does not exist")
     if path.suffix == ".safetensors":

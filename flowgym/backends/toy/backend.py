@@ -12,7 +12,7 @@ import torch
 from tensordict import TensorDict
 from torch import Tensor, nn
 
-from flowgym.backends.base import FlowBackend
+from flowgym.backends.base import FlowBackend, register_backend
 
 __all__ = ["ToyBackend"]
 
@@ -29,10 +29,13 @@ class _ToyVelocityNet(nn.Module):
         return self.net[2](self.net[1](h)).view_as(latents)
 
 
+@register_backend("toy")
 class ToyBackend(FlowBackend):
     """Random MLP velocity model over latents of any shape; images are the latents squashed to [0, 1]."""
 
     name = "toy"
+    env_id = "FlowDenoise-Toy-v0"
+    env_defaults = {"num_steps": 10, "shift": 3.0, "group_size": 1}
 
     def __init__(
         self,

@@ -1,6 +1,6 @@
 """Pretrain the embedded digits model and its independent classifier from scratch.
 
-    python -m flowgym.backends.digits_pretrain --seed 0 --out flowgym/assets
+    python -m flowgym.backends.digits.pretrain --seed 0 --out flowgym/assets
 
 trains, on scikit-learn's bundled 8x8 digits and a fixed stratified split (``digit_split``):
 
@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowgym.backends.digits import (
+from flowgym.backends.digits.metrics import digit_accuracy, digit_fd
+from flowgym.backends.digits.backend import (
     CLASSIFIER_FILE,
     DEFAULT_GUIDANCE,
     DEFAULT_SHIFT,
@@ -188,8 +189,6 @@ def evaluate(
     the data the flow model saw) against the same ``eval`` reference: the level a perfect
     generator would reach at this sample size.
     """
-    from flowgym.metrics import digit_accuracy, digit_fd
-
     eval_images, eval_labels = digit_split("eval")
     real_accuracy = float((classifier(eval_images).argmax(-1) == eval_labels).float().mean())
     prompts = [digit_prompt(d) for d in range(10) for _ in range(per_digit)]
@@ -248,7 +247,7 @@ def pretrain(config: PretrainConfig, out: str | Path, log_every: int = 0) -> dic
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m flowgym.backends.digits_pretrain")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m flowgym.backends.digits.pretrain")
     parser.add_argument("--seed", type=int, default=0, help="training seed (the data split is fixed)")
     parser.add_argument("--out", type=Path, default=Path("flowgym/assets"), help="output folder")
     parser.add_argument("--steps", type=int, default=None, help="flow-model optimiser steps (default 12000)")

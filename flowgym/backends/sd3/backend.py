@@ -40,18 +40,11 @@ import torch
 from tensordict import TensorDict
 from torch import Tensor, nn
 
-from flowgym.backends.base import FlowBackend
+from flowgym.backends.base import FlowBackend, register_backend
 from flowgym.backends.prompts import PROMPT_SETS
+from flowgym.hub import ModelNotAvailableError, module_device, module_dtype, resolve_device, resolve_dtype, resolve_pretrained
 
-__all__ = [
-    "DEFAULT_SD3_MODEL",
-    "SD3_LORA_TARGETS",
-    "ModelNotAvailableError",
-    "SD3Backend",
-    "hub_offline",
-    "resolve_dtype",
-    "resolve_pretrained",
-]
+__all__ = ["DEFAULT_SD3_MODEL", "SD3_LORA_TARGETS", "SD3Backend"]
 
 DEFAULT_SD3_MODEL = "stabilityai/stable-diffusion-3.5-medium"
 
@@ -69,181 +62,14 @@ SD3_LORA_TARGETS: tuple[str, ...] = (
 
 _SD3_REQUIRED = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 _SD3_OPTIONAL = ("text_encoder_3", "tokenizer_3", "scheduler")
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
-
-
-class ModelNotAvailableError(FileNotFoundError):
-    """A pretrained model could not be found locally nor downloaded; the message says how to fix it."""
-
-
-# ---------------------------------------------------------------------------------- helpers
-def hub_offline(local_files_only: bool | None = None) -> bool:
-    """Whether to stay off the network: ``local_files_only`` if given, else ``HF_HUB_OFFLINE``.
-
-    The environment variable is read at call time (huggingface_hub reads it only at import).
-    """
-    if local_files_only is not None:
-        return bool(local_files_only)
-    value = os.environ.get("HF_HUB_OFFLINE")
-    if value is not None:
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except Exception:  # pragma: no cover - huggingface_hub always present with diffusers
-        return False
-
-
-def _looks_like_path(spec: str) -> bool:
-    """A string that cannot be a hub id ``name`` / ``org/name`` is treated as a local path."""
-    return (
-        spec.startswith(("/", "./", "../", "~", "."))
-        or spec.count("/") > 1
-        or (os.sep != "/" and os.sep in spec)
-        or (len(spec) > 1 and spec[1] == ":")  # windows drive
-    )
-
-
-def _download_hint(model: str) -> str:
-    return (
-        f"on a machine with internet access run `hf download {model} --local-dir <folder>` "
-        f"(`huggingface-cli download` with older huggingface_hub), copy the folder here and pass "
-        f"model=<folder>; or point HF_HOME at a Hugging Face cache that already holds it"
-    )
-
-
-def _short(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(error).__name__}: {first[:300]}"
-
-
-def resolve_pretrained(
-    model: str | os.PathLike,
-    *,
-    what: str,
-    allow_patterns: Sequence[str] | None = None,
-    required: Sequence[str] = (),
-    local_files_only: bool | None = None,
-    revision: str | None = None,
-) -> Path:
-    """A local folder holding ``model``: the folder itself, or a hub snapshot (cached or downloaded).
-
-    ``required`` lists entries (sub-folders or files) that must exist in the folder. Raises
-    ``ModelNotAvailableError`` with a short message naming what was looked for and how to get it
-    (never a chain of library tracebacks). ``local_files_only=None`` follows ``HF_HUB_OFFLINE``.
-    """
-    spec = os.fspath(model)
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        folder = path
-    elif path.exists():
-        raise ModelNotAvailableError(f"{what}: {spec!r} is a file; expected a folder (or a hub id)")
-    elif isinstance(model, os.PathLike) or _looks_like_path(spec):
-        raise ModelNotAvailableError(
-            f"{what}: local folder {spec!r} does not exist. Pass an existing folder in the diffusers / "
-            f"transformers layout or a hub id; to get the files, {_download_hint('<hub id>')}"
-        )
-    else:
-        offline = hub_offline(local_files_only)
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
-
-        try:
-            folder = Path(
-                snapshot_download(
-                    repo_id=spec,
-                    allow_patterns=list(allow_patterns) if allow_patterns is not None else None,
-                    local_files_only=offline,
-                    revision=revision,
-                )
-            )
-        except GatedRepoError:
-            raise ModelNotAvailableError(
-                f"{what}: hub repository {spec!r} is gated. Accept its licence at "
-                f"https://huggingface.co/{spec} and log in (`hf auth login`), or {_download_hint(spec)}"
-            ) from None
-        except RepositoryNotFoundError:
-            raise ModelNotAvailableError(
-                f"{what}: no hub repository {spec!r} (or it is private and you are not logged in); "
-                f"check the id, or pass a local folder"
-            ) from None
-        except HFValidationError:
-            raise ModelNotAvailableError(
-                f"{what}: {spec!r} is neither an existing local folder nor a valid hub id"
-            ) from None
-        except Exception as error:  # offline / no cache / network failure
-            mode = "offline mode (HF_HUB_OFFLINE=1 or local_files_only=True)" if offline else "download failed"
-            raise ModelNotAvailableError(
-                f"{what}: {spec!r} is not in the local Hugging Face cache and could not be downloaded "
-                f"[{mode}; {_short(error)}]. To fix: {_download_hint(spec)}"
-            ) from None
-    missing = [entry for entry in required if not (folder / entry).exists()]
-    if missing:
-        raise ModelNotAvailableError(
-            f"{what}: folder {str(folder)!r} lacks {missing}; expected a folder in the library's "
-            f"save_pretrained layout with {list(required)}"
-        )
-    return folder
-
-
-def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    """``None`` -> bfloat16 on CUDA, float32 elsewhere; strings like ``"bf16"`` accepted.
-
-    Half precision (bf16 / fp16) on CPU is rejected with a ``ValueError``.
-    """
-    if dtype is None:
-        resolved = torch.bfloat16 if device.type == "cuda" else torch.float32
-    elif isinstance(dtype, str):
-        if dtype.lower().removeprefix("torch.") not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; accepted: {sorted(_DTYPES)}")
-        resolved = _DTYPES[dtype.lower().removeprefix("torch.")]
-    elif isinstance(dtype, torch.dtype) and dtype in (torch.float32, torch.bfloat16, torch.float16):
-        resolved = dtype
-    else:
-        raise ValueError(f"dtype must be float32, bfloat16 or float16 (or None); got {dtype!r}")
-    if device.type == "cpu" and resolved != torch.float32:
-        raise ValueError(
-            f"dtype {resolved} on CPU is not supported (slow or missing half-precision CPU kernels); "
-            "use dtype=torch.float32 on CPU, or a CUDA device for bfloat16 / float16"
-        )
-    return resolved
-
-
-def _resolve_device(device: torch.device | str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def _module_dtype(module: nn.Module) -> torch.dtype:
-    for p in module.parameters():
-        return p.dtype
-    return torch.float32
-
-
 def _compute_dtype(model: nn.Module) -> torch.dtype:
     """The base weights' dtype (LoRA weights may be float32 on a bf16 model): the patch embedding's."""
     weight = getattr(getattr(getattr(model, "pos_embed", None), "proj", None), "weight", None)
-    return weight.dtype if isinstance(weight, Tensor) else _module_dtype(model)
+    return weight.dtype if isinstance(weight, Tensor) else module_dtype(model)
 
 
 # ---------------------------------------------------------------------------------- backend
+@register_backend("sd3")
 class SD3Backend(FlowBackend):
     """Stable Diffusion 3 / 3.5 (diffusers) as a flowgym backend.
 
@@ -253,6 +79,9 @@ class SD3Backend(FlowBackend):
     """
 
     name = "sd3"
+    env_id = "FlowDenoise-SD3-v0"
+    # shift None = the model's own scheduler shift (3.0 for SD3.5)
+    env_defaults = {"num_steps": 10, "shift": None, "group_size": 1, "prompts": "pickscore_demo"}
     #: images decoded per VAE call in ``decode`` (bounds activation memory)
     decode_batch_size: int = 8
 
@@ -367,7 +196,7 @@ class SD3Backend(FlowBackend):
         absent; saves ~9 GB for SD3.5). ``local_files_only=None`` follows ``HF_HUB_OFFLINE``.
         A model that is not available raises ``ModelNotAvailableError`` (a ``FileNotFoundError``).
         """
-        device = _resolve_device(device)
+        device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         patterns = ["model_index.json"]
         for sub in (*_SD3_REQUIRED, *_SD3_OPTIONAL):
@@ -436,6 +265,9 @@ class SD3Backend(FlowBackend):
         )
         return backend.to(device)
 
+    #: configs build the backend from a hub id or folder: its options are ``from_pretrained``'s
+    from_config = from_pretrained
+
     def _add_lora(self, rank: int, alpha: float, targets: Sequence[str], trainable_dtype: torch.dtype | None) -> None:
         from peft import LoraConfig
 
@@ -465,7 +297,7 @@ class SD3Backend(FlowBackend):
     # ------------------------------------------------------------------ contract
     @property
     def device(self) -> torch.device:
-        return _module_device(self.transformer)
+        return module_device(self.transformer)
 
     def prompt_sets(self) -> dict[str, list[str]]:
         """``train`` = ``pickscore_demo``, ``heldout`` = ``pickscore_demo_eval``, plus every built-in set."""
@@ -491,7 +323,7 @@ class SD3Backend(FlowBackend):
             truncation=True,
             return_tensors="pt",
         ).input_ids
-        out = encoder(ids.to(_module_device(encoder)), output_hidden_states=True)
+        out = encoder(ids.to(module_device(encoder)), output_hidden_states=True)
         return out.hidden_states[-2], out.text_embeds
 
     def _t5_embeds(self, prompts: list[str]) -> Tensor:
@@ -506,7 +338,7 @@ class SD3Backend(FlowBackend):
             add_special_tokens=True,
             return_tensors="pt",
         ).input_ids
-        return self.text_encoder_3(ids.to(_module_device(self.text_encoder_3)))[0]
+        return self.text_encoder_3(ids.to(module_device(self.text_encoder_3)))[0]
 
     def _encode(self, prompts: list[str]) -> TensorDict:
         """TensorDict(prompt_embeds (n, 77 + max_sequence_length, joint_dim), pooled_prompt_embeds (n, 2 * proj))."""
@@ -515,7 +347,7 @@ class SD3Backend(FlowBackend):
                 f"the text encoders were freed (free_text_encoders()); these prompts are not cached: {prompts[:3]}. "
                 "Encode every prompt before freeing the encoders (encode_prompts(all_prompts))."
             )
-        device, dtype = self.device, _module_dtype(self.transformer)
+        device, dtype = self.device, module_dtype(self.transformer)
         with torch.no_grad():
             clip_l, pooled_l = self._clip_embeds(prompts, 0)
             clip_g, pooled_g = self._clip_embeds(prompts, 1)
@@ -533,7 +365,7 @@ class SD3Backend(FlowBackend):
     def _forward(self, latents: Tensor, sigma: Tensor, cond: TensorDict) -> Tensor:
         """Velocity from the active transformer; ``timestep = 1000 * sigma`` (diffusers' SD3 convention)."""
         model = self.active_velocity_model()
-        device, dtype = _module_device(model), _compute_dtype(model)
+        device, dtype = module_device(model), _compute_dtype(model)
         sigma = torch.as_tensor(sigma, device=device, dtype=torch.float32).reshape(-1).expand(latents.shape[0])
         out = model(
             hidden_states=latents.to(device=device, dtype=dtype),
@@ -552,7 +384,7 @@ class SD3Backend(FlowBackend):
         """
         vae = self.vae
         config = vae.config
-        x = latents.to(device=_module_device(vae), dtype=_module_dtype(vae))
+        x = latents.to(device=module_device(vae), dtype=module_dtype(vae))
         x = x / config.scaling_factor + (config.shift_factor or 0.0)
         images = [vae.decode(chunk, return_dict=False)[0] for chunk in x.split(self.decode_batch_size)]
         return (torch.cat(images).float() / 2 + 0.5).clamp(0.0, 1.0)

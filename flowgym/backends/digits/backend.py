@@ -37,7 +37,8 @@ from safetensors.torch import load_file, save_file
 from tensordict import TensorDict
 from torch import Tensor, nn
 
-from flowgym.backends.base import FlowBackend
+from flowgym.backends.base import FlowBackend, register_backend
+from flowgym.hub import parse_dtype
 from flowgym.kernels import ode_step
 from flowgym.schedules import static_shift_sigmas
 
@@ -72,7 +73,7 @@ __all__ = [
     "to_digit_grid",
 ]
 
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
 FLOW_FILE = "digits_flow.safetensors"
 CLASSIFIER_FILE = "digits_classifier.safetensors"
 METADATA_FILE = "digits_pretrain.json"
@@ -346,6 +347,7 @@ def load_classifier(
 
 
 # =========================================================================== backend
+@register_backend("digits")
 class DigitsBackend(FlowBackend):
     """Class-conditional rectified flow over 8x8 digits (latent = image in [-1, 1], ``(1, 8, 8)``).
 
@@ -355,6 +357,8 @@ class DigitsBackend(FlowBackend):
     """
 
     name = "digits"
+    env_id = "FlowDenoise-Digits-v0"
+    env_defaults = {"num_steps": 10, "shift": DEFAULT_SHIFT, "group_size": 8}
     latent_shape = (1, 8, 8)
     negative_prompt = ""
 
@@ -362,11 +366,11 @@ class DigitsBackend(FlowBackend):
         self,
         weights: str | Path | None = None,
         device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
     ) -> None:
         super().__init__()
         self.weights_path = _resolve(weights, FLOW_FILE)
-        self.model = load_module(self.weights_path, DigitVelocityNet).to(device=device, dtype=dtype)
+        self.model = load_module(self.weights_path, DigitVelocityNet).to(device=device, dtype=parse_dtype(dtype))
         self.model.eval()
         self.snapshot_reference()
 
@@ -393,6 +397,15 @@ class DigitsBackend(FlowBackend):
 
     def velocity_model(self) -> nn.Module:
         return self.model
+
+    def default_rewards(self) -> dict[str, float]:
+        return {"digit_alignment": 1.0}
+
+    def prior_capability_metrics(self, images: Tensor, prompts: Sequence[str]) -> dict[str, float]:
+        """``digit_accuracy`` and ``digit_fd`` (``flowgym.backends.digits.metrics``)."""
+        from flowgym.backends.digits.metrics import digits_prior_capability  # the classifier loads on first use
+
+        return digits_prior_capability(images, prompts)
 
     # ------------------------------------------------------------------ extras
     def encode_images(self, images: Tensor) -> Tensor:

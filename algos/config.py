@@ -1,0 +1,214 @@
+"""The run configuration's schema: one dataclass per section, each default in one place.
+
+The schema is registered with Hydra's ConfigStore as ``flowgym_schema`` and is the base of
+``configs/config.yaml``: the yaml files hold only what a task or a method sets, Hydra type-checks
+every value, and a key that is not in the schema fails at start-up. ``load_config`` does the same for
+a plain mapping (the ``Trainer`` API, the benchmark harness) and names the accepted keys.
+
+Sections whose keys belong to a constructor (``algo.loss`` -> the loss module, ``env.backend`` ->
+the model family's ``from_config``, ``algo.advantage_kwargs``, ``reward.kwargs``) are free-form
+here and checked by those constructors. ``None`` in ``env`` and ``algo`` means "the default of
+whoever consumes it": the model family's ``env_defaults``, the environment's constructor, the loss
+class's ``policy_defaults``, then ``FlowPolicy``'s own defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from flowgym.env import stochastic_step_mask
+
+__all__ = [
+    "AlgoConfig",
+    "EMAConfig",
+    "EnvConfig",
+    "LoggerConfig",
+    "RewardConfig",
+    "RunConfig",
+    "TrainerConfig",
+    "load_config",
+    "validate_config",
+]
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = False
+    decay: float = 0.9
+    every: int = 8
+
+
+@dataclass
+class TrainerConfig:
+    iterations: int = 40
+    inner_epochs: int = 1
+    num_minibatches: int = 2  # optimizer steps per inner epoch (the recipes use 2 per rollout)
+    rollout_batches: int = 1  # env episodes (of env.num_prompts x env.group_size) collected per iteration
+    micro_batch_size: Optional[int] = None  # gradient accumulation over micro-batches; None = no split
+    lr: float = 3.0e-4
+    weight_decay: float = 1.0e-4
+    max_grad_norm: Optional[float] = 1.0
+    drop_zero_advantage: bool = True
+    refresh_old_policy: bool = False  # recompute old log-probs per mini-batch before the first update (+1 forward)
+    mixed_precision: bool = True  # bf16 autocast on CUDA for float32 backends; log-probs stay float32
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    eval_every: int = 10
+    eval_num_steps: Optional[int] = None  # None = env.num_steps (the SD3.5 recipes evaluate with 40 ODE steps)
+    eval_guidance_scale: Optional[float] = None  # None = the training policy's guidance
+    eval_batch_size: Optional[int] = None  # evaluate in chunks of this many samples; None = all at once
+    drift_every_iteration: bool = True  # drift KL to the reference on each rollout (one extra forward a step)
+    checkpoint_every: int = 10
+
+
+@dataclass
+class EnvConfig:
+    name: str = MISSING  # the model family (a registered backend)
+    module: Optional[str] = None  # imported first: a family defined outside flowgym registers itself
+    num_prompts: Optional[int] = None
+    group_size: Optional[int] = None
+    num_steps: Optional[int] = None
+    shift: Any = None  # a number, "dynamic", or None = the family's default
+    prompts: Any = None  # a prompt-set name, a .txt file or a list; None = "train"
+    eval_prompts: Any = None  # a prompt set evaluated beside the training prompts (held-out); None = none
+    eval_samples_per_prompt: int = 8
+    stochastic_steps: Any = None  # see flowgym.env; None = "all_but_last"
+    share_initial_noise: Optional[bool] = None
+    backend: Dict[str, Any] = field(default_factory=dict)  # the family's options (its from_config arguments)
+
+
+@dataclass
+class AlgoConfig:
+    name: str = MISSING  # a registered loss
+    module: Optional[str] = None  # imported first: a method defined outside algos.losses registers itself
+    kernel: Optional[str] = None  # None = the loss's policy_defaults, else flow_sde
+    noise_level: Optional[float] = None  # None = the loss's policy_defaults, else 0.7
+    guidance_scale: Optional[float] = None  # None = 1.0 (no CFG)
+    reduce: Optional[str] = None  # None = "mean" over latent dimensions
+    log_prob_convention: Optional[str] = None  # None = "exact"
+    advantage: Optional[str] = None  # None = the loss's default_advantage
+    advantage_kwargs: Dict[str, Any] = field(default_factory=dict)
+    loss: Dict[str, Any] = field(default_factory=dict)  # the loss module's keyword arguments
+
+
+@dataclass
+class RewardConfig:
+    weights: Dict[str, float] = field(default_factory=dict)  # empty = the model family's default_rewards()
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # per-reward constructor arguments
+
+
+@dataclass
+class LoggerConfig:
+    backends: List[str] = field(default_factory=lambda: ["csv", "tensorboard"])  # add wandb to log there too
+    wandb_project: str = "flowgym"
+    wandb_name: str = "flowgym"
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    device: str = "auto"  # auto = cuda when available, else cpu
+    resume: Any = False  # true = continue the newest run of this algo/env under outputs/; or a run folder
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+ConfigStore.instance().store(name="flowgym_schema", node=RunConfig)
+
+#: the policy arguments an algo section sets, with FlowPolicy's defaults for those left at None
+POLICY_KEYS = ("kernel", "noise_level", "guidance_scale", "reduce", "log_prob_convention")
+
+
+def _check_keys(value: Mapping[str, Any], schema: type, where: str) -> None:
+    """Unknown keys of ``value`` against the dataclass ``schema``, recursively; the error lists the accepted keys."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, item in value.items():
+        if key not in fields:
+            raise ValueError(f"unknown config key {where}{key!r}; accepted keys of {where.rstrip('.') or 'the config'}: {sorted(fields)}")
+        sub = fields[key].type
+        sub = globals().get(sub, sub) if isinstance(sub, str) else sub
+        if dataclasses.is_dataclass(sub) and isinstance(item, Mapping):
+            _check_keys(item, sub, f"{where}{key}.")
+
+
+def load_config(cfg: Mapping[str, Any] | RunConfig) -> RunConfig:
+    """A validated ``RunConfig`` from a resolved mapping (or a ``RunConfig``): unknown keys and values of
+    the wrong type are rejected with the key's name, missing ones take the schema's defaults."""
+    if isinstance(cfg, RunConfig):
+        return cfg
+    data = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    data = {k: v for k, v in data.items() if k != "hydra"}
+    _check_keys(data, RunConfig, "")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), data)
+    except Exception as error:  # omegaconf's validation errors name the key and the expected type
+        raise ValueError(f"invalid config value: {str(error).splitlines()[0]} ({_full_key(error)})") from None
+    run = OmegaConf.to_object(merged)
+    validate_config(run)
+    return run
+
+
+def _full_key(error: Exception) -> str:
+    return f"key {getattr(error, 'full_key', '?')}"
+
+
+def _positive(value: Any, where: str, integer: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    if integer:
+        ok = ok and float(value).is_integer()
+    if not ok:
+        kind = "a positive integer" if integer else "a positive number"
+        raise ValueError(f"{where} must be {kind}; got {value!r}")
+
+
+def validate_config(cfg: RunConfig) -> None:
+    """The checks no constructor makes before work starts: values of the trainer's own section, and
+    what only the whole config can tell (the rollout's pairs splitting into equal mini-batches)."""
+    t, e, a = cfg.trainer, cfg.env, cfg.algo
+    for key in ("iterations", "inner_epochs", "num_minibatches", "rollout_batches"):
+        _positive(getattr(t, key), f"trainer.{key}", integer=True)
+    _positive(t.lr, "trainer.lr")
+    if t.micro_batch_size is not None:
+        _positive(t.micro_batch_size, "trainer.micro_batch_size", integer=True)
+    if t.weight_decay < 0:
+        raise ValueError(f"trainer.weight_decay must be >= 0; got {t.weight_decay}")
+    if t.max_grad_norm is not None and t.max_grad_norm <= 0:
+        raise ValueError(f"trainer.max_grad_norm must be > 0 or null; got {t.max_grad_norm}")
+    for key, value in a.loss.items():
+        # the loss constructors check these too, but only after the model is loaded (minutes for SD3.5)
+        if key in ("threshold", "clip_range", "beta", "delta") and (not isinstance(value, (int, float)) or value < 0):
+            raise ValueError(f"algo.loss.{key} must be a number >= 0; got {value!r}")
+    if a.noise_level is not None and a.noise_level <= 0:
+        raise ValueError(f"algo.noise_level must be > 0 (trained steps need a Gaussian); got {a.noise_level}")
+
+
+def check_rollout_split(cfg: RunConfig, num_prompts: int, group_size: int, num_steps: int, stochastic_steps: Any) -> None:
+    """The rollout's (sample, stochastic step) pairs must split into ``trainer.num_minibatches`` equal parts."""
+    stochastic = stochastic_step_mask(stochastic_steps, num_steps, torch.Generator().manual_seed(0))
+    pairs = num_prompts * group_size * int(stochastic.sum()) * cfg.trainer.rollout_batches
+    if pairs == 0:
+        raise ValueError("env.stochastic_steps leaves no stochastic step to train on")
+    if pairs % cfg.trainer.num_minibatches:
+        raise ValueError(
+            f"the rollout's {pairs} (sample, step) pairs do not split into trainer.num_minibatches="
+            f"{cfg.trainer.num_minibatches} equal mini-batches; choose a divisor of {pairs}"
+        )
+
+
+def env_arguments(e: EnvConfig) -> dict[str, Any]:
+    """The environment arguments an env section sets (``None`` left to the family and the env)."""
+    skip = ("name", "module", "backend", "eval_prompts", "eval_samples_per_prompt")
+    return {f.name: getattr(e, f.name) for f in dataclasses.fields(e) if f.name not in skip and getattr(e, f.name) is not None}
+
+
+def as_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The config as plain containers (for logs and for copies a caller edits)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

@@ -1,0 +1,134 @@
+"""Evaluation and the drift diagnostic, measured identically for every algorithm.
+
+* ``drift_kl(backend, policy, td, autocast)``: the mean exact KL between the current and the
+  reference (pretrained) policy's step Gaussians at ``td``'s states: both velocities go through the
+  Flow-SDE kernel at noise level 0.7 (``DRIFT_KERNEL_NOISE``, whatever kernel the algorithm trains
+  with), KL averaged over dimensions and samples. ``td`` must hold the current policy's ``velocity``.
+* ``Evaluator.evaluate()``: the deterministic ODE sampler on each eval prompt set (the training
+  prompts, and the held-out set when the config names one) in chunks of ``trainer.eval_batch_size``:
+  the reward terms, the drift KL along the ODE trajectory and the model family's prior-capability
+  metrics (``backend.prior_capability_metrics``). The evaluation's guidance scale is given to the
+  evaluator (``trainer.eval_guidance_scale``); the training policy is never changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, ContextManager, Mapping, Sequence
+
+import torch
+from tensordict import NonTensorStack, TensorDict
+
+from algos.ema import ParameterEMA
+from flowgym.backends.base import FlowBackend
+from flowgym.env import FlowDenoiseEnv
+from flowgym.kernels import flow_sde_step, gaussian_kl
+from flowgym.policy import FlowPolicy
+from flowgym.rewards import RewardComposer
+
+__all__ = ["DRIFT_KERNEL_NOISE", "Evaluator", "drift_kl", "final_rewards", "trajectory_drift"]
+
+#: the kernel noise level at which drift KL is measured, the same for every algorithm
+DRIFT_KERNEL_NOISE = 0.7
+
+
+def final_rewards(traj: TensorDict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The terminal reward ``(B,)`` and reward terms of a ``[B, K]`` trajectory, as contiguous copies:
+    reductions over the strided last-step view would sum in another order."""
+    reward = traj.get(("next", "reward"))[:, -1].reshape(-1).contiguous()
+    terms = {name: value[:, -1].reshape(-1).contiguous() for name, value in traj.get(("next", "reward_terms")).items()}
+    return reward, terms
+
+
+def drift_kl(backend: FlowBackend, policy: FlowPolicy, td: TensorDict, autocast: Callable[[], ContextManager[Any]]) -> torch.Tensor:
+    """Mean exact KL between the current and the reference policy's step Gaussians at ``td``'s states
+    (see the module docstring); the reference velocity uses ``policy``'s guidance scale."""
+    with autocast(), policy.reference():
+        v_ref = backend.velocity(td.get("latent").to(backend.dtype), td.get("sigma"), td.get("conditioning"), policy.guidance_scale).float()
+    args = (td.get("sigma"), td.get("sigma_next"), DRIFT_KERNEL_NOISE)
+    loc_now, std = flow_sde_step(td.get("latent"), td.get("velocity"), *args)
+    loc_ref, _ = flow_sde_step(td.get("latent"), v_ref, *args)
+    return gaussian_kl(loc_now, loc_ref, std).mean()
+
+
+def trajectory_drift(backend: FlowBackend, policy: FlowPolicy, traj: TensorDict, autocast: Callable[[], ContextManager[Any]]) -> list[torch.Tensor]:
+    """``drift_kl`` at every step of ``traj`` but the last, one step (one reference forward) at a time."""
+    return [drift_kl(backend, policy, traj[:, k], autocast) for k in range(traj.batch_size[1] - 1)]
+
+
+class Evaluator:
+    """ODE evaluation of ``policy`` on named prompt lists (see the module docstring).
+
+    Args:
+        policy: the training policy; evaluated with ``guidance_scale`` (None: its own) on its noise stream.
+        rewards: the composer the training env scores with.
+        eval_sets: ``{split: prompts}``, each prompt repeated once per sample.
+        num_steps, shift: the ODE schedule.
+        batch_size: samples per evaluation episode (None: a whole split at once).
+        seed: the evaluation envs' seeds are ``seed + 1000 + chunk start``.
+        autocast: the strategy's context for model forwards.
+    """
+
+    def __init__(
+        self,
+        policy: FlowPolicy,
+        rewards: RewardComposer,
+        eval_sets: Mapping[str, Sequence[str]],
+        *,
+        num_steps: int,
+        shift: float | str,
+        device: torch.device,
+        seed: int,
+        autocast: Callable[[], ContextManager[Any]],
+        batch_size: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> None:
+        self.policy = policy if guidance_scale is None else policy.with_guidance(guidance_scale)
+        self.backend = policy.backend
+        self.rewards = rewards
+        self.eval_sets = {name: list(prompts) for name, prompts in eval_sets.items()}
+        self.num_steps, self.shift, self.device, self.seed = int(num_steps), shift, device, int(seed)
+        self.batch_size = batch_size
+        self.autocast = autocast
+
+    @torch.no_grad()
+    def evaluate(self, ema: ParameterEMA | None = None) -> dict[str, float]:
+        """Metrics of every eval split, with the EMA weights swapped in when there is an EMA."""
+        results: dict[str, float] = {}
+        with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+            for split, prompts in self.eval_sets.items():
+                results.update(self.evaluate_prompts(split, prompts))
+        return results
+
+    def rollout(self, env: FlowDenoiseEnv, request: TensorDict | None = None) -> TensorDict:
+        """One whole episode of ``env`` with the evaluation policy (the fused ``env.rollout``)."""
+        with self.autocast():
+            return env.rollout(env.num_steps, self.policy, tensordict=request)
+
+    def evaluate_prompts(self, split: str, prompts: list[str]) -> dict[str, float]:
+        """ODE samples for ``prompts`` in chunks; metrics over all of them, named ``eval/<split>/<metric>``."""
+        chunk = int(self.batch_size or len(prompts))
+        rewards, terms, images, drift = [], {}, [], []
+        for start in range(0, len(prompts), chunk):
+            part = prompts[start : start + chunk]
+            env = FlowDenoiseEnv(
+                self.backend, num_prompts=1, group_size=len(part), num_steps=self.num_steps,
+                shift=self.shift, prompts=part, rewards=self.rewards, stochastic_steps="none",
+                device=self.device, seed=self.seed + 1000 + start,
+            )
+            request = TensorDict({}, batch_size=env.batch_size, device=self.device)
+            request.set("prompt", NonTensorStack(*part, batch_size=env.batch_size))
+            traj = self.rollout(env, request)
+            drift.extend(trajectory_drift(self.backend, self.policy, traj, self.autocast))
+            reward, reward_terms = final_rewards(traj)
+            rewards.append(reward)
+            for name, value in reward_terms.items():
+                terms.setdefault(name, []).append(value)
+            images.append(env.last_images)
+        out = {f"eval/{split}/reward": float(torch.cat(rewards).mean())}
+        for name, values in terms.items():
+            out[f"eval/{split}/{name}"] = float(torch.cat(values).mean())
+        out[f"eval/{split}/drift_kl"] = float(torch.stack(drift).mean()) if drift else 0.0
+        for name, value in self.backend.prior_capability_metrics(torch.cat(images), prompts).items():
+            out[f"eval/{split}/{name}"] = float(value)
+        return out

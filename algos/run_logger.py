@@ -1,0 +1,75 @@
+"""The run's record: ``metrics.jsonl`` (one JSON row per logged iteration) and torchrl's loggers.
+
+``RunLogger.log(row)`` appends the row (NaN diagnostics written as JSON null) and sends every
+number to the configured torchrl loggers (``csv``, ``tensorboard``, ``wandb``) at step
+``row["iteration"]``. ``RunLogger.read(iteration)`` returns the rows already logged up to a
+resumed iteration and rewrites the file without the rows of a crashed run's later iterations.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from algos.config import LoggerConfig
+
+__all__ = ["LOGGER_BACKENDS", "RunLogger"]
+
+LOGGER_BACKENDS = ("csv", "tensorboard", "wandb")
+
+
+class RunLogger:
+    """``metrics.jsonl`` in ``run_dir`` plus torchrl loggers under ``run_dir/logs`` (see the module docstring)."""
+
+    def __init__(self, run_dir: str | Path, config: LoggerConfig, *, enabled: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.loggers = self._make_loggers(config) if enabled else []
+
+    def _make_loggers(self, config: LoggerConfig) -> list:
+        from torchrl.record.loggers import CSVLogger, TensorboardLogger
+
+        loggers = []
+        for name in config.backends:
+            if name == "csv":
+                loggers.append(CSVLogger(exp_name="csv", log_dir=str(self.run_dir / "logs")))
+            elif name == "tensorboard":
+                loggers.append(TensorboardLogger(exp_name="tensorboard", log_dir=str(self.run_dir / "logs")))
+            elif name == "wandb":
+                if importlib.util.find_spec("wandb") is None:
+                    raise ValueError("logger backend 'wandb' needs the wandb package: pip install wandb")
+                from torchrl.record.loggers import WandbLogger
+
+                loggers.append(WandbLogger(exp_name=config.wandb_name, project=config.wandb_project, save_dir=str(self.run_dir)))
+            else:
+                raise ValueError(f"unknown logger backend {name!r}; accepted: {', '.join(LOGGER_BACKENDS)}")
+        return loggers
+
+    def log(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Append ``row`` and send its numbers to the loggers; returns the row as written."""
+        row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        if not self.enabled:
+            return row
+        with open(self.metrics_path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        for logger in self.loggers:
+            for key, value in row.items():
+                if key != "iteration" and isinstance(value, (int, float)):
+                    logger.log_scalar(key, value, step=int(row["iteration"]))
+        return row
+
+    def read(self, iteration: int) -> list[dict[str, Any]]:
+        """Rows already logged up to ``iteration`` (later rows of a crashed run are dropped from the file)."""
+        if not self.metrics_path.exists():
+            return []
+        rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if r["iteration"] <= iteration]
+        if iteration == 0:
+            rows = []
+        if self.enabled:
+            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return rows

@@ -1,0 +1,121 @@
+"""The update step: (sample, step) pairs -> shuffled mini-batches -> optimizer steps.
+
+``Updater.update(pairs, conditioning)`` runs ``trainer.inner_epochs`` passes; each pass shuffles the
+pairs with the updater's own generator, splits them into ``trainer.num_minibatches`` mini-batches
+(one optimizer step each) and each mini-batch into micro-batches of ``trainer.micro_batch_size``
+(gradient accumulation: each micro-batch's mean loss weighted by its share of the mini-batch),
+clips the gradient norm, steps AdamW and updates the EMA. ``Updater.step(batch)`` is one optimizer
+step on one batch (what the ratio-noise probe drives). Backward and gradient reduction go through
+the strategy; the returned statistics are means over updates (``*_max`` / ``*_min``: extremes).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from tensordict import TensorDict
+from torch import nn
+
+from algos.config import TrainerConfig
+from algos.ema import ParameterEMA
+from algos.strategy import Strategy
+
+__all__ = ["Updater", "summarise"]
+
+
+def summarise(sums: dict[str, list[float]]) -> dict[str, float]:
+    """Mean of each diagnostic over updates (NaNs ignored), max / min for ``*_max`` / ``*_min``."""
+    stats = {}
+    for key, values in sums.items():
+        finite = [v for v in values if not math.isnan(v)]
+        if not finite:
+            stats[key] = float("nan")
+        elif key.endswith("_max"):
+            stats[key] = max(finite)
+        elif key.endswith("_min"):
+            stats[key] = min(finite)
+        else:
+            stats[key] = sum(finite) / len(finite)
+    return stats
+
+
+class Updater:
+    """Optimizer steps of ``loss_module`` over a rollout's pairs (see the module docstring)."""
+
+    def __init__(
+        self,
+        loss_module: nn.Module,
+        parameters: Iterable[nn.Parameter],
+        config: TrainerConfig,
+        strategy: Strategy,
+        *,
+        seed: int,
+        ema: ParameterEMA | None = None,
+    ) -> None:
+        self.loss_module = loss_module
+        self.config = config
+        self.strategy = strategy
+        self.optimizer = torch.optim.AdamW(list(parameters), lr=config.lr, weight_decay=config.weight_decay)
+        self.ema = ema
+        self.shuffle_generator = torch.Generator().manual_seed(seed)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def minibatches(self, pairs: TensorDict, conditioning: TensorDict, epoch: int) -> list[list[TensorDict]]:
+        """The epoch's shuffled mini-batches, each a list of micro-batches carrying their conditioning."""
+        t = self.config
+        order = torch.randperm(pairs.batch_size[0], generator=self.shuffle_generator).to(pairs.device)
+        micro = t.micro_batch_size or pairs.batch_size[0]
+        batches = []
+        for chunk in order.chunk(t.num_minibatches):
+            pieces = []
+            for piece in chunk.split(micro):
+                batch = pairs[piece]
+                batch.set("conditioning", conditioning[batch.get("sample_index")])
+                if epoch == 0 and t.refresh_old_policy:
+                    # matrix kernels round differently per batch size: recompute the old policy on
+                    # exactly these batches, before any update, so the first ratios are exactly 1
+                    with torch.no_grad(), self.strategy.autocast():
+                        self.loss_module.refresh_old_policy(batch)
+                pieces.append(batch)
+            batches.append(pieces)
+        return batches
+
+    def step(self, pieces: list[TensorDict], sums: dict[str, list[float]]) -> None:
+        """One optimizer step over the micro-batches of one mini-batch; diagnostics appended to ``sums``."""
+        self.optimizer.zero_grad(set_to_none=True)
+        total = sum(piece.batch_size[0] for piece in pieces)
+        for batch in pieces:
+            with self.strategy.autocast():
+                out = self.loss_module(batch)
+            loss = sum(v for k, v in out.items() if k.startswith("loss_"))
+            # each micro-batch's mean loss weighted by its share: the mini-batch mean
+            self.strategy.backward(loss * (batch.batch_size[0] / total))
+            for key, value in out.items():
+                if value.numel() == 1:
+                    sums.setdefault(key, []).append(float(value.detach()))
+        self.strategy.reduce_gradients(self.parameters())
+        if self.config.max_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.config.max_grad_norm)
+            sums.setdefault("grad_norm", []).append(float(grad_norm))
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
+
+    def update(self, pairs: TensorDict, conditioning: TensorDict) -> dict[str, float]:
+        """``inner_epochs`` passes of mini-batch updates; the diagnostics' summary, ``num_updates``, ``num_pairs``."""
+        sums: dict[str, list[float]] = {}
+        num_updates = 0
+        for epoch in range(self.config.inner_epochs):
+            if pairs.batch_size[0] == 0:
+                break
+            for pieces in self.minibatches(pairs, conditioning, epoch):
+                self.step(pieces, sums)
+                num_updates += 1
+        stats = self.strategy.reduce_metrics(summarise(sums))
+        stats["num_updates"] = num_updates
+        stats["num_pairs"] = int(pairs.batch_size[0])
+        return stats
