@@ -86,6 +86,12 @@ class Registry(Mapping[str, T], Generic[T]):
 
         return add if obj is None else add(obj)
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (a plugin's entry, e.g. in tests); ``KeyError`` if it is not registered."""
+        del self._entries[name]
+
+    __delitem__ = unregister
+
     # ------------------------------------------------------------------ lookup
     def lookup(self, name: str) -> T:
         """The entry registered as ``name``; ``ValueError`` naming the accepted names otherwise."""

@@ -15,9 +15,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from algos import bench_suites
+from algos.bench import suites as bench_suites
 from algos.bench import BenchOptions, Job, compose_config, is_complete, job_key, main, run_suite
-from algos.bench_ratio_noise import (
+from algos.bench.ratio_noise import (
     calibrated_clip_range,
     decision_stats,
     log_ratio_decomposition,

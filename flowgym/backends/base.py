@@ -101,8 +101,10 @@ class FlowBackend(nn.Module):
 
     @classmethod
     def options(cls) -> tuple[str, ...]:
-        """The options ``from_config`` accepts: its keyword parameters, read from its signature."""
-        parameters = inspect.signature(cls.from_config).parameters.values()
+        """The options ``from_config`` accepts: its keyword parameters (the constructor's when the family
+        keeps the default ``from_config``), read from the signature."""
+        builder = cls.__init__ if cls.from_config.__func__ is FlowBackend.from_config.__func__ else cls.from_config
+        parameters = inspect.signature(builder).parameters.values()
         kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
         return tuple(p.name for p in parameters if p.kind in kinds and p.name not in ("self", "cls"))
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from flowgym.backends.digits.backend import (
+from flowgym.backends.digits.core import (
     NUM_DIGITS,
     DigitClassifier,
     digit_split,

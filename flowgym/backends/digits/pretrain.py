@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowgym.backends.digits.metrics import digit_accuracy, digit_fd
-from flowgym.backends.digits.backend import (
+from flowgym.backends.digits.backend import DigitsBackend, sample_ode
+from flowgym.backends.digits.core import (
     CLASSIFIER_FILE,
     DEFAULT_GUIDANCE,
     DEFAULT_SHIFT,
@@ -41,13 +42,11 @@ from flowgym.backends.digits.backend import (
     SPLIT_FRACTIONS,
     SPLIT_SEED,
     DigitClassifier,
-    DigitsBackend,
     DigitVelocityNet,
     digit_prompt,
     digit_split,
     digit_split_indices,
     image_to_latent,
-    sample_ode,
     save_module,
 )
 

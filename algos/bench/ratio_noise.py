@@ -190,14 +190,13 @@ def ratio_noise_probe(
     trainer = Trainer(cfg, work_dir, progress=False)
     if warmup > 0:
         trainer.train()
-    rollout = trainer.collect()
+    rollout = trainer.collect()  # one more rollout of the warmed-up policy
     pairs = trainer.training_pairs(rollout)
     pairs.set("conditioning", rollout["conditioning"][pairs.get("sample_index")])
     generator = torch.Generator().manual_seed(int(cfg["seed"]) + 7)
     order = torch.randperm(pairs.batch_size[0], generator=generator)
     chunks = order.chunk(int(cfg["trainer"]["num_minibatches"]))
-    loss_module, optimizer = trainer.loss_module, trainer.optimizer
-    max_norm = cfg["trainer"].get("max_grad_norm")
+    loss_module = trainer.loss_module
     dim = int(np.prod(pairs.get("latent").shape[1:]))
     probes: dict[str, dict[str, list[float]]] = {}
     max_error = 0.0
@@ -207,13 +206,7 @@ def ratio_noise_probe(
         while taken < target:
             chunk = chunks[taken % len(chunks)]
             seen[chunk] = True
-            batch = pairs[chunk.to(pairs.device)]
-            optimizer.zero_grad(set_to_none=True)
-            out = loss_module(batch)
-            sum(v for k, v in out.items() if k.startswith("loss_")).backward()
-            if max_norm is not None:
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_norm)
-            optimizer.step()
+            trainer.updater.step([pairs[chunk.to(pairs.device)]], {})  # the trainer's own optimizer step
             taken += 1
         with torch.no_grad():
             ev = loss_module.evaluate(pairs)

@@ -29,8 +29,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from algos.bench import BenchOptions, Job, RunResult, compose_config
-from algos import bench_ratio_noise as rn
+from algos.bench import ratio_noise as rn
+from algos.bench.jobs import BenchOptions, Job, RunResult, compose_config
 
 __all__ = ["SUITES", "ALL", "Point", "Suite", "SuiteData", "Stat", "Table", "expand", "stat"]
 

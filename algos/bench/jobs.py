@@ -1,38 +1,10 @@
-"""The benchmark harness: trust-region methods side by side on the embedded digits task, with plots.
+"""Benchmark jobs: options, cache keys, the cached process-pool runner and the Hydra config a job runs.
 
-::
-
-    python -m algos.bench SUITE [--seeds 3] [--jobs 2] [--out benchmarks/results] [--quick]
-    python -m algos.bench all                              # every suite below (about 45 min on 2 cores)
-    python -m algos.bench quick --out /tmp/bench           # a tiny version of all (about a minute)
-    python -m algos.bench compare --algos drpo,flow_dppo   # any registered methods, default configs
-
-Suites (``algos.bench_suites``): ``frontier`` (reward against drift KL from the pretrained model
-while sweeping the clip range / the divergence threshold), ``reuse`` (1, 2, 4 inner epochs on
-full and half rollouts), ``multiobjective`` (weighted-sum versus GDPO advantages on two
-conflicting rewards), ``forgetting`` (held-out accuracy and sample quality over training),
-``ratio_noise`` (the single-sample log-ratio against the exact per-step KL) and ``compare``.
-
-How it works
-------------
-* A run is one resolved Hydra config (``configs/``, composed with the suite's overrides) and a seed;
-  its cache key is the SHA-256 of that config (plus the job kind and its parameters). Finished
-  runs live in ``--cache`` (``bench_cache/`` by default, git-ignored) as
-  ``<key>/{job.json, metrics.jsonl, done.json}``; a run whose ``done.json`` exists and whose
-  metrics reach the configured last iteration is never run again (``--fresh`` ignores the cache).
-  Runs shared between suites (the default settings appear in several) are run once.
-* Missing runs go to a ``ProcessPoolExecutor`` of ``--jobs`` spawned workers, one torch thread each,
-  longest first; each calls ``algos.trainer.Trainer(cfg, run_dir, progress=False).train()``.
-* Every suite then writes ``<out>/<suite>.md`` (tables, mean +- std over seeds), ``<out>/<suite>.json``
-  (the same numbers, machine-readable) and ``<out>/<suite>_*.png`` plots. ``--quick`` shrinks
-  every suite (and writes under ``<out>/quick/``) so it never overwrites full results.
-Every method is evaluated identically (``Trainer.evaluate``: ODE sampling on the train and the
-held-out prompts, the same samples per prompt and the same evaluation iterations).
+See ``algos.bench`` for how the harness uses them.
 """
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as futures
 import hashlib
 import json
@@ -46,20 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-__all__ = [
-    "BenchOptions",
-    "Job",
-    "RunResult",
-    "compose_config",
-    "job_key",
-    "is_complete",
-    "run_jobs",
-    "run_suite",
-    "machine_info",
-    "main",
-]
+__all__ = ["BenchOptions", "Job", "RunResult", "compose_config", "execute_job", "is_complete", "job_key", "load_result", "machine_info", "run_jobs"]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 #: bump when the meaning of a cached result changes (invalidates every cached run)
 CACHE_VERSION = 1
@@ -209,7 +170,7 @@ def execute_job(kind: str, config: dict[str, Any], params: dict[str, Any], run_d
 
         Trainer(config, directory, progress=False).train()
     elif kind == "ratio_noise":
-        from algos.bench_ratio_noise import ratio_noise_probe
+        from algos.bench.ratio_noise import ratio_noise_probe
 
         result = ratio_noise_probe(config, directory / "work", **params)
         _atomic_write(directory / "result.json", json.dumps(result))
@@ -312,92 +273,3 @@ def machine_info() -> dict[str, str]:
     }
 
 
-# --------------------------------------------------------------------------- suites
-def run_suite(
-    name: str,
-    options: BenchOptions,
-    *,
-    out: Path,
-    cache: Path,
-    num_workers: int = 2,
-    fresh: bool = False,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Build, run (with caching) and report suite ``name`` (``all`` and ``quick`` expand to several).
-
-    Returns ``{"suites": [names], "reports": {name: report dict}, "runs": {"total", "executed",
-    "cached"}, "wall_s": seconds}``; the reports are also written under ``out``.
-    """
-    from algos import bench_suites
-
-    if name == "quick":
-        name, options = "all", BenchOptions(**{**options.__dict__, "quick": True})
-    names = bench_suites.expand(name)
-    out = out / "quick" if options.quick else out
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    built = {n: bench_suites.SUITES[n].build(options) for n in names}
-    jobs = [job for points in built.values() for point in points for job in point.jobs]
-    results = run_jobs(jobs, cache, num_workers=num_workers, fresh=fresh, log=log)
-    run_wall = time.perf_counter() - start
-    executed = sum(1 for r in results.values() if not r.cached)
-    reports = {}
-    machine = machine_info()
-    for n in names:
-        suite = bench_suites.SUITES[n]
-        data = bench_suites.SuiteData(suite=suite, options=options, points=built[n], results=results)
-        reports[n] = suite.write_report(data, out, machine=machine, command=_command_line(), run_wall_s=run_wall)
-        log(f"[bench] wrote {out / (n + '.md')}")
-    summary = {
-        "suites": names,
-        "reports": reports,
-        "runs": {"total": len(results), "executed": executed, "cached": len(results) - executed},
-        "wall_s": time.perf_counter() - start,
-        "out": str(out),
-    }
-    if len(names) > 1:
-        index = [f"# Benchmark suites: {', '.join(names)}", ""]
-        run_minutes = sum(r.wall_s for r in results.values()) / 60
-        index.append(f"{summary['runs']['total']} runs ({executed} executed by this call, {summary['runs']['cached']} from cache); "
-                     f"this call took {summary['wall_s'] / 60:.1f} min; the runs' own times add up to {run_minutes:.1f} min "
-                     f"(run {max(num_workers, 1)} at a time). Command: `{_command_line()}`.")
-        index += ["", *[f"- [{n}]({n}.md): {bench_suites.SUITES[n].title}" for n in names], ""]
-        (out / "index.md").write_text("\n".join(index))
-    log(f"[bench] done: {summary['runs']} in {summary['wall_s'] / 60:.1f} min")
-    return summary
-
-
-def _command_line() -> str:
-    argv = sys.argv[1:] if Path(sys.argv[0]).name in ("bench.py", "__main__.py") or sys.argv[0].endswith("algos.bench") else None
-    if argv is None:
-        return "python -m algos.bench (called from Python)"
-    return "python -m algos.bench " + " ".join(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from algos import bench_suites
-
-    parser = argparse.ArgumentParser(prog="python -m algos.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("suite", choices=sorted([*bench_suites.SUITES, "all", "quick"]), help="which suite to run")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per point (default 3; 2 with --quick)")
-    parser.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="report folder")
-    parser.add_argument("--cache", type=Path, default=ROOT / "bench_cache", help="finished runs (reused across calls)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test); reports go to OUT/quick/")
-    parser.add_argument("--algos", default="flow_dppo,grpo", help="comma-separated losses for the compare suite")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra Hydra override for every run (repeatable), e.g. --set trainer.iterations=60")
-    parser.add_argument("--device", default="cpu", help="device of every run (cpu, cuda, auto)")
-    parser.add_argument("--fresh", action="store_true", help="ignore cached runs and run everything again")
-    args = parser.parse_args(argv)
-    quick = args.quick or args.suite == "quick"
-    seeds = args.seeds if args.seeds is not None else (2 if quick else 3)
-    options = BenchOptions(
-        seeds=seeds, quick=quick, algos=tuple(a.strip() for a in args.algos.split(",") if a.strip()),
-        overrides=tuple(args.overrides), device=args.device,
-    )
-    return run_suite(args.suite, options, out=args.out, cache=args.cache, num_workers=args.jobs, fresh=args.fresh)
-
-
-if __name__ == "__main__":
-    main()
