@@ -32,6 +32,9 @@ __all__ = [
     "RewardConfig",
     "RunConfig",
     "TrainerConfig",
+    "as_dict",
+    "check_rollout_split",
+    "env_arguments",
     "load_config",
     "validate_config",
 ]
@@ -152,7 +155,7 @@ def load_config(cfg: Mapping[str, Any] | RunConfig) -> RunConfig:
     except Exception as error:  # omegaconf's validation errors name the key and the expected type
         raise ValueError(f"invalid config value: {str(error).splitlines()[0]} ({_full_key(error)})") from None
     run = OmegaConf.to_object(merged)
-    validate_config(run)
+    _validate(run)
     return run
 
 
@@ -169,9 +172,17 @@ def _positive(value: Any, where: str, integer: bool = False) -> None:
         raise ValueError(f"{where} must be {kind}; got {value!r}")
 
 
-def validate_config(cfg: RunConfig) -> None:
-    """The checks no constructor makes before work starts: values of the trainer's own section, and
-    what only the whole config can tell (the rollout's pairs splitting into equal mini-batches)."""
+def validate_config(cfg: Mapping[str, Any] | RunConfig) -> None:
+    """Reject invalid values before any work is done, saying what is accepted (``load_config``'s checks)."""
+    if isinstance(cfg, RunConfig):
+        _validate(cfg)
+    else:
+        load_config(cfg)
+
+
+def _validate(cfg: RunConfig) -> None:
+    """The checks no constructor makes before the model is built: the trainer's own section, and a few
+    loss and policy values whose constructors run only after the model is loaded."""
     t, e, a = cfg.trainer, cfg.env, cfg.algo
     for key in ("iterations", "inner_epochs", "num_minibatches", "rollout_batches"):
         _positive(getattr(t, key), f"trainer.{key}", integer=True)

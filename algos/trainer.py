@@ -33,7 +33,7 @@ from tensordict import TensorDict
 
 from algos.advantages import ADVANTAGES, make_advantage
 from algos.checkpoint import latest_checkpoint, load_checkpoint
-from algos.config import POLICY_KEYS, RunConfig, check_rollout_split, env_arguments, load_config
+from algos.config import POLICY_KEYS, RunConfig, check_rollout_split, env_arguments, load_config, validate_config
 from algos.ema import ParameterEMA
 from algos.evaluation import Evaluator, drift_kl, final_rewards, trajectory_drift
 from algos.losses import get_loss_class
@@ -45,7 +45,7 @@ from flowgym.policy import FlowPolicy
 from flowgym.registration import make_env, split_options
 from flowgym.registry import import_plugin
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "validate_config"]
 
 _STEP_KEYS = ("latent", "sigma", "sigma_next", "stochastic", "step", "action", "sample_log_prob", "loc", "scale", "velocity")
 #: FlowDenoiseEnv's own defaults, for the checks made before the model is built

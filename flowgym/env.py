@@ -42,7 +42,7 @@ from flowgym.backends.base import FlowBackend
 from flowgym.backends.prompts import load_prompts
 from flowgym.rewards import RewardComposer
 from flowgym.schedules import make_sigmas
-from flowgym.td_utils import set_prebuilt, stack_non_tensors
+from flowgym.td_utils import as_string_list, set_prebuilt, stack_non_tensors
 
 __all__ = ["EpisodeState", "FlowDenoiseEnv", "resolve_prompts", "stochastic_step_mask"]
 
@@ -305,7 +305,7 @@ class FlowDenoiseEnv(EnvBase):
         if tensordict is None or "prompt" not in tensordict.keys():
             return None
         explicit = tensordict.get("prompt")
-        explicit = explicit.tolist() if hasattr(explicit, "tolist") else list(explicit)
+        explicit = as_string_list(explicit)
         if len(explicit) != self.batch_size[0]:
             raise ValueError(f"reset got {len(explicit)} prompts; expected one per batch element ({self.batch_size[0]})")
         return [str(p) for p in explicit]

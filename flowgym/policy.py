@@ -29,6 +29,7 @@ from torch import Tensor
 from torchrl.envs.utils import ExplorationType, exploration_type
 
 from flowgym.backends.base import FlowBackend
+from flowgym.td_utils import as_string_list
 from flowgym.kernels import (
     apply_step_coefficients,
     gaussian_log_prob,
@@ -177,7 +178,7 @@ class FlowPolicy(TensorDictModuleBase):
         if "prompt" not in td.keys():
             raise KeyError("the tensordict needs 'conditioning' or 'prompt' for the policy")
         prompts = td.get("prompt")
-        prompts = prompts.tolist() if hasattr(prompts, "tolist") else list(prompts)
+        prompts = as_string_list(prompts)
         return self.backend.encode_prompts(prompts).to(td.device or self.backend.device)
 
     def velocity(self, latent: Tensor, sigma: Tensor, cond) -> Tensor:

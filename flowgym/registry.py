@@ -92,6 +92,10 @@ class Registry(Mapping[str, T], Generic[T]):
 
     __delitem__ = unregister
 
+    def pop(self, name: str, *default: T) -> T:
+        """Remove ``name`` and return its entry (``default`` when given and ``name`` is not registered)."""
+        return self._entries.pop(name, *default)
+
     # ------------------------------------------------------------------ lookup
     def lookup(self, name: str) -> T:
         """The entry registered as ``name``; ``ValueError`` naming the accepted names otherwise."""

@@ -8,7 +8,12 @@ import torch
 
 from tensordict import NonTensorData, NonTensorStack, TensorDict, TensorDictBase
 
-__all__ = ["set_prebuilt", "stack_non_tensors", "tensordict_unchecked"]
+__all__ = ["as_string_list", "set_prebuilt", "stack_non_tensors", "tensordict_unchecked"]
+
+
+def as_string_list(values: Any) -> list:
+    """A tensordict's non-tensor entry (a ``NonTensorStack`` / ``NonTensorData``) or any sequence as a list."""
+    return values.tolist() if hasattr(values, "tolist") else list(values)
 
 
 def set_prebuilt(td: TensorDict, key: str, value: TensorDictBase) -> None:

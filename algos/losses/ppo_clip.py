@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from algos.losses.base import FlowPolicyLoss, PolicyEvaluation, register_loss
 from algos.losses.functional import check_nonnegative, importance_ratio, ppo_clip_active, ppo_clip_objective
+from flowgym.td_utils import as_string_list
 
 __all__ = ["ClippedRatioLoss", "PPOClipLoss", "PromptSigmaValue"]
 
@@ -92,7 +93,7 @@ def _prompt_list(td: TensorDictBase, key: str) -> list[str]:
     if key not in td.keys():
         raise KeyError(f"the value baseline needs the prompts under {key!r} in the loss input")
     prompts = td.get(key)
-    prompts = prompts.tolist() if hasattr(prompts, "tolist") else list(prompts)
+    prompts = as_string_list(prompts)
     return [str(p) for p in prompts]
 
 
