@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from hydra.core.config_store import ConfigStore
@@ -33,6 +33,7 @@ __all__ = [
     "RunConfig",
     "TrainerConfig",
     "as_dict",
+    "check_overrides",
     "check_rollout_split",
     "env_arguments",
     "load_config",
@@ -140,6 +141,34 @@ def _check_keys(value: Mapping[str, Any], schema: type, where: str) -> None:
         sub = globals().get(sub, sub) if isinstance(sub, str) else sub
         if dataclasses.is_dataclass(sub) and isinstance(item, Mapping):
             _check_keys(item, sub, f"{where}{key}.")
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+    """Reject a command-line override whose dotted key is not in the schema, naming the accepted keys.
+
+    Hydra rejects it too, but names only the schema class; this runs first (``algos.run``). Overrides
+    that append (``+key=``), delete (``~key``), pick a config group (``algo=grpo``), or reach into a
+    free-form section (``algo.loss.*``, ``env.backend.*``) are left to Hydra and the constructors.
+    """
+    for override in overrides:
+        if override.startswith(("+", "~", "-")) or "=" not in override:
+            continue
+        key = override.split("=", 1)[0]
+        if "." not in key or key.startswith("hydra.") or "@" in key:
+            continue
+        schema: Any = RunConfig
+        path: list[str] = []
+        for part in key.split("."):
+            fields = {f.name: f for f in dataclasses.fields(schema)}
+            if part not in fields:
+                where = ".".join(path) or "the config"
+                raise ValueError(f"unknown config key {key!r}; accepted keys of {where}: {sorted(fields)}")
+            path.append(part)
+            sub = fields[part].type
+            sub = globals().get(sub, sub) if isinstance(sub, str) else sub
+            if not dataclasses.is_dataclass(sub):
+                break
+            schema = sub
 
 
 def load_config(cfg: Mapping[str, Any] | RunConfig) -> RunConfig:

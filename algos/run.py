@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from algos.checkpoint import latest_checkpoint
+from algos.config import check_overrides
 from algos.trainer import Trainer
 
 
@@ -62,4 +64,8 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    try:
+        check_overrides(sys.argv[1:])
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     main()

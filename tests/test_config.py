@@ -51,3 +51,18 @@ def test_the_evaluation_guidance_never_changes_the_training_policy(tmp_path):
     trainer = Trainer(config("trainer.eval_guidance_scale=2.0"), tmp_path, progress=False)
     trainer.evaluate()
     assert trainer.policy.guidance_scale == 1.0 and trainer.evaluator.policy.guidance_scale == 2.0
+
+
+def test_command_line_typo_fails_with_the_accepted_keys():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from algos.config import check_overrides
+
+    with pytest.raises(ValueError, match=r"unknown config key 'trainer.ema.decy'; accepted keys of trainer.ema: \['decay', 'enabled', 'every'\]"):
+        check_overrides(["trainer.ema.decy=0.5"])
+    check_overrides(["algo=grpo", "algo.loss.delta=1e-4", "env.backend.weights=x", "+extra=1", "hydra.run.dir=x", "--multirun"])
+    out = subprocess.run([sys.executable, "-m", "algos.run", "trainer.itrations=3"], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "accepted keys of trainer" in out.stderr and "'iterations'" in out.stderr
