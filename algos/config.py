@@ -80,6 +80,7 @@ class EnvConfig:
     shift: Any = None  # a number, "dynamic", or None = the family's default
     prompts: Any = None  # a prompt-set name, a .txt file or a list; None = "train"
     eval_prompts: Any = None  # a prompt set evaluated beside the training prompts (held-out); None = none
+    eval_train_prompts: Any = None  # the prompts of the "train" evaluation; None = the training prompts
     eval_samples_per_prompt: int = 8
     stochastic_steps: Any = None  # see flowgym.env; None = "all_but_last"
     share_initial_noise: Optional[bool] = None
@@ -245,7 +246,7 @@ def check_rollout_split(cfg: RunConfig, num_prompts: int, group_size: int, num_s
 
 def env_arguments(e: EnvConfig) -> dict[str, Any]:
     """The environment arguments an env section sets (``None`` left to the family and the env)."""
-    skip = ("name", "module", "backend", "eval_prompts", "eval_samples_per_prompt")
+    skip = ("name", "module", "backend", "eval_prompts", "eval_train_prompts", "eval_samples_per_prompt")
     return {f.name: getattr(e, f.name) for f in dataclasses.fields(e) if f.name not in skip and getattr(e, f.name) is not None}
 
 

@@ -40,7 +40,7 @@ from algos.losses import get_loss_class
 from algos.run_logger import RunLogger
 from algos.strategy import SingleDevice, Strategy
 from algos.updater import Updater
-from flowgym.env import FlowDenoiseEnv
+from flowgym.env import FlowDenoiseEnv, resolve_prompts
 from flowgym.policy import FlowPolicy
 from flowgym.registration import make_env, split_options
 from flowgym.registry import import_plugin
@@ -144,10 +144,10 @@ class Trainer:
 
     def _eval_sets(self) -> dict[str, list[str]]:
         per_prompt = int(self.cfg.env.eval_samples_per_prompt)
-        sets = {"train": self.env.prompt_list}
-        held = self.cfg.env.eval_prompts
+        train, held = self.cfg.env.eval_train_prompts, self.cfg.env.eval_prompts
+        sets = {"train": resolve_prompts(self.backend, train) if train else self.env.prompt_list}
         if held:
-            sets["heldout"] = self.backend.resolve_prompt_set(held) if isinstance(held, str) else list(held)
+            sets["heldout"] = resolve_prompts(self.backend, held)
         return {name: [p for p in prompts for _ in range(per_prompt)] for name, prompts in sets.items()}
 
     # ------------------------------------------------------------------ 1. rollout
