@@ -42,16 +42,12 @@ from algos.strategy import SingleDevice, Strategy
 from algos.updater import Updater
 from flowgym.env import FlowDenoiseEnv, resolve_prompts
 from flowgym.policy import FlowPolicy
-from flowgym.registration import make_env, split_options
+from flowgym.registration import env_arguments_with_defaults, make_env
 from flowgym.registry import import_plugin
 
 __all__ = ["Trainer", "validate_config"]
 
 _STEP_KEYS = ("latent", "sigma", "sigma_next", "stochastic", "step", "action", "sample_log_prob", "loc", "scale", "velocity")
-#: FlowDenoiseEnv's own defaults, for the checks made before the model is built
-_ENV_DEFAULTS = {
-    name: p.default for name, p in inspect.signature(FlowDenoiseEnv.__init__).parameters.items() if p.default is not p.empty
-}
 
 
 def _policy_arguments(cfg: RunConfig, loss_class: type) -> dict[str, Any]:
@@ -84,8 +80,7 @@ class Trainer:
             advantage_kwargs.setdefault("weights", dict(cfg.reward.weights) or None)  # GDPO weighs the terms like the env
         self.advantage = make_advantage(advantage_name, **advantage_kwargs)
         # everything that can be checked without the model is checked before it is built
-        _, _, resolved_env = split_options(e.name, env_arguments(e))
-        resolved_env = {**_ENV_DEFAULTS, **resolved_env}
+        resolved_env = env_arguments_with_defaults(e.name, env_arguments(e))
         if getattr(self.advantage, "group_relative", False) and resolved_env["group_size"] < 2:
             raise ValueError(f"advantage {advantage_name!r} is group-relative and needs env.group_size >= 2; got {resolved_env['group_size']}")
         check_rollout_split(cfg, resolved_env["num_prompts"], resolved_env["group_size"], resolved_env["num_steps"], resolved_env["stochastic_steps"])

@@ -23,7 +23,7 @@ from flowgym.backends.base import BACKENDS, FlowBackend, backend_class
 from flowgym.env import FlowDenoiseEnv
 from flowgym.policy import FlowPolicy
 
-__all__ = ["env_ids", "make_backend", "make_env", "make_gym_env", "make_vector_env", "register_envs", "split_options"]
+__all__ = ["env_arguments_with_defaults", "env_ids", "make_backend", "make_env", "make_gym_env", "make_vector_env", "register_envs", "split_options"]
 
 
 def _keyword_names(function: Any, exclude: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -35,6 +35,10 @@ def _keyword_names(function: Any, exclude: tuple[str, ...] = ()) -> tuple[str, .
 
 #: what FlowDenoiseEnv and FlowPolicy accept, read from their signatures
 ENV_ARGUMENTS = _keyword_names(FlowDenoiseEnv.__init__, exclude=("self", "backend", "policy_defaults"))
+ENV_DEFAULTS = {
+    name: p.default for name, p in inspect.signature(FlowDenoiseEnv.__init__).parameters.items()
+    if name in ENV_ARGUMENTS and p.default is not p.empty
+}
 POLICY_ARGUMENTS = tuple(k for k in _keyword_names(FlowPolicy.__init__, exclude=("self", "backend")) if k not in ENV_ARGUMENTS)
 
 
@@ -48,18 +52,21 @@ def make_backend(name: str, **options: Any) -> FlowBackend:
 
 
 def split_options(
-    name: str, kwargs: Mapping[str, Any], extra_env_arguments: tuple[str, ...] = ()
+    name: str,
+    kwargs: Mapping[str, Any],
+    extra_env_arguments: tuple[str, ...] = (),
+    backend_options: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Flat keyword arguments -> ``(backend options, policy defaults, environment arguments)``.
 
-    A family's options are taken first (a toy backend's ``seed`` seeds the backend); ``device`` also
-    goes to the environment when the family takes it. The family's ``env_defaults`` fill in the
-    environment arguments that were not given; ``extra_env_arguments`` are accepted too (a gym view's
-    own arguments, such as ``render_mode``).
+    A family's options are taken first (a toy backend's ``seed`` seeds the backend), on top of the
+    nested ``backend_options``; ``device`` also goes to the environment when the family takes it. The
+    family's ``env_defaults`` fill in the environment arguments that were not given;
+    ``extra_env_arguments`` are accepted too (a gym view's own arguments, such as ``render_mode``).
     """
     cls = backend_class(name)
     kwargs = dict(kwargs)
-    backend_options = {k: kwargs.pop(k) for k in cls.options() if k in kwargs}
+    backend_options = {**dict(backend_options or {}), **{k: kwargs.pop(k) for k in cls.options() if k in kwargs}}
     policy_defaults = {k: kwargs.pop(k) for k in POLICY_ARGUMENTS if k in kwargs}
     accepted = (*ENV_ARGUMENTS, *extra_env_arguments)
     unknown = sorted(set(kwargs) - set(accepted))
@@ -72,6 +79,13 @@ def split_options(
     if "device" in backend_options and "device" not in env_kwargs:
         env_kwargs["device"] = backend_options["device"]
     return backend_options, policy_defaults, env_kwargs
+
+
+def env_arguments_with_defaults(name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Every environment argument the env of family ``name`` would get from ``kwargs``: the given ones,
+    then the family's ``env_defaults``, then ``FlowDenoiseEnv``'s own defaults (no model is built)."""
+    _, _, env_kwargs = split_options(name, kwargs)
+    return {**ENV_DEFAULTS, **env_kwargs}
 
 
 def _with_default_shift(env_kwargs: dict[str, Any], backend: FlowBackend) -> dict[str, Any]:
@@ -92,12 +106,9 @@ def make_env(
     ``backend``: an already-built backend (else one is built from ``backend_options`` and the
     family options among ``kwargs``).
     """
-    flat_options, policy_defaults, env_kwargs = split_options(name, kwargs)
-    options = {**dict(backend_options or {}), **flat_options}
+    options, policy_defaults, env_kwargs = split_options(name, kwargs, backend_options=backend_options)
     if backend is None:
         backend = make_backend(name, **options)
-        if "device" in options and "device" not in env_kwargs:
-            env_kwargs["device"] = options["device"]
     return FlowDenoiseEnv(backend, **_with_default_shift(env_kwargs, backend), policy_defaults=policy_defaults)
 
 

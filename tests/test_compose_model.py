@@ -7,7 +7,7 @@ import torch
 
 from flowgym.backends.compose import grammar
 from flowgym.backends.compose.backend import ComposeBackend, sample_ode
-from flowgym.backends.compose.io import ASSETS_DIR, read_metadata
+from flowgym.backends.weights import ASSETS_DIR, read_metadata
 from flowgym.backends.compose.model import MAX_TOKENS, load_tokenizer, tokenize, tokenizer_vocabulary
 
 # Documented band of the shipped model (compose_pretrain.json, DATA_CARD.md): ODE, 10 steps, shift

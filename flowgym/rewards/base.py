@@ -9,7 +9,15 @@ from torch import Tensor
 
 from flowgym.registry import Registry
 
-__all__ = ["REWARDS", "Reward", "RewardComposer", "available_rewards", "make_reward", "register_reward"]
+__all__ = ["REWARDS", "Reward", "check_reward_batch", "RewardComposer", "available_rewards", "make_reward", "register_reward"]
+
+def check_reward_batch(images: Tensor, prompts: Sequence[str]) -> None:
+    """``ValueError`` unless ``images`` is ``(B, C, H, W)`` with one prompt per image."""
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape (B, C, H, W); got {tuple(images.shape)}")
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts")
+
 
 class Reward:
     """A reward: ``__call__(images, prompts) -> Tensor (B,)`` of float32, higher is better.

@@ -18,16 +18,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from flowgym.rewards.base import Reward, register_reward
+from flowgym.rewards.base import Reward, check_reward_batch, register_reward
 
 __all__ = ["CleanCanvasReward", "ComposePartialReward", "ComposeReward"]
-
-
-def _check_batch(images: Tensor, prompts: Sequence[str]) -> None:
-    if images.ndim != 4:
-        raise ValueError(f"images must have shape (B, C, H, W); got {tuple(images.shape)}")
-    if len(prompts) != images.shape[0]:
-        raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts")
 
 
 class _ScorerReward(Reward):
@@ -50,7 +43,7 @@ class ComposeReward(_ScorerReward):
     """Strict GenEval-style correctness (0 or 1) of each image for its prompt."""
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        _check_batch(images, prompts)
+        check_reward_batch(images, prompts)
         return self.scorer.score(images, prompts).strict.to(images.device)
 
 
@@ -59,7 +52,7 @@ class ComposePartialReward(_ScorerReward):
     """Fraction of the prompt's conditions met, in [0, 1]."""
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        _check_batch(images, prompts)
+        check_reward_batch(images, prompts)
         return self.scorer.score(images, prompts).partial.to(images.device)
 
 
@@ -68,7 +61,7 @@ class CleanCanvasReward(_ScorerReward):
     """Background cleanliness in [0, 1]: 1 for a black background around the objects."""
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        _check_batch(images, prompts)
+        check_reward_batch(images, prompts)
         from flowgym.backends.compose.scorer import STRAY_SCALE
 
         stray = self.scorer.read(images).stray

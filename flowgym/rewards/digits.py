@@ -15,16 +15,9 @@ import torch
 from torch import Tensor
 
 from flowgym.backends.digits import load_classifier, prompt_digits, to_digit_grid
-from flowgym.rewards.base import Reward, register_reward
+from flowgym.rewards.base import Reward, check_reward_batch, register_reward
 
 __all__ = ["DigitAlignmentReward", "InkReward", "ink_coverage"]
-
-
-def _check_batch(images: Tensor, prompts: Sequence[str]) -> None:
-    if images.ndim != 4:
-        raise ValueError(f"images must have shape (B, C, H, W); got {tuple(images.shape)}")
-    if len(prompts) != images.shape[0]:
-        raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts")
 
 
 @register_reward("digit_alignment")
@@ -45,7 +38,7 @@ class DigitAlignmentReward(Reward):
 
     @torch.no_grad()
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        _check_batch(images, prompts)
+        check_reward_batch(images, prompts)
         device = self.model.fc.weight.device
         labels = prompt_digits(prompts).to(device)
         probs = self.model(to_digit_grid(images.to(device))).float().softmax(dim=-1)
@@ -68,5 +61,5 @@ class InkReward(Reward):
     """
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        _check_batch(images, prompts)
+        check_reward_batch(images, prompts)
         return ink_coverage(images)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from flowgym.backends.base import FlowBackend, register_backend
 from flowgym.backends.compose import grammar
-from flowgym.backends.compose.io import load_module, resolve_weights
+from flowgym.backends.weights import load_module, resolve_weights
 from flowgym.backends.compose.model import (
     ComposeTextEncoder,
     ComposeTransformer,
@@ -22,9 +22,8 @@ from flowgym.backends.compose.model import (
     load_tokenizer,
     tokenize,
 )
+from flowgym.backends.sampling import sample_ode
 from flowgym.hub import parse_dtype
-from flowgym.kernels import ode_step
-from flowgym.schedules import static_shift_sigmas
 
 __all__ = [
     "DEFAULT_GUIDANCE",
@@ -127,28 +126,3 @@ class ComposeBackend(FlowBackend):
     def encode_images(self, images: Tensor) -> Tensor:
         """Images in [0, 1] ``(B, 3, 32, 32)`` -> latents (the inverse of ``decode`` on [0, 1])."""
         return image_to_latent(images.to(self.device, torch.float32))
-
-
-@torch.no_grad()
-def sample_ode(
-    backend: FlowBackend,
-    prompts: Sequence[str],
-    num_steps: int = 10,
-    shift: float = DEFAULT_SHIFT,
-    guidance_scale: float = DEFAULT_GUIDANCE,
-    generator: torch.Generator | None = None,
-    batch_size: int = 256,
-) -> Tensor:
-    """Sample images ``(B, 3, 32, 32)`` in [0, 1] with the Euler ODE on ``static_shift_sigmas``."""
-    sigmas = static_shift_sigmas(num_steps, shift)
-    prompts = list(prompts)
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        cond = backend.encode_prompts(chunk)
-        x = torch.randn((len(chunk), *backend.latent_shape), generator=generator).to(backend.device, backend.dtype)
-        for k in range(num_steps):
-            v = backend.velocity(x, sigmas[k], cond, guidance_scale=guidance_scale)
-            x, _ = ode_step(x, v, float(sigmas[k]), float(sigmas[k + 1]))
-        out.append(backend.decode(x))
-    return torch.cat(out)

@@ -53,7 +53,7 @@ from flowgym.backends.compose.canvas import (
     glyph_split,
     render_canvases,
 )
-from flowgym.backends.compose.io import save_module
+from flowgym.backends.weights import save_module
 from flowgym.backends.compose.model import (
     ComposeTextEncoder,
     ComposeTransformer,

@@ -53,7 +53,7 @@ from flowgym.backends.compose.canvas import (
     render_canvases,
 )
 from flowgym.backends.compose.grammar import CATEGORIES, check_conditions, parse_prompt, sample_scene
-from flowgym.backends.compose.io import load_module, resolve_weights
+from flowgym.backends.weights import load_module, resolve_weights
 from flowgym.metrics import frechet_distance, gaussian_statistics
 
 __all__ = [

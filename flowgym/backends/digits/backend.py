@@ -12,7 +12,6 @@ from torch import Tensor, nn
 
 from flowgym.backends.base import FlowBackend, register_backend
 from flowgym.backends.digits.core import (
-    DEFAULT_GUIDANCE,
     DEFAULT_SHIFT,
     FLOW_FILE,
     DigitVelocityNet,
@@ -24,9 +23,8 @@ from flowgym.backends.digits.core import (
     resolve_weights,
 )
 from flowgym.backends.digits.metrics import digits_prior_capability
+from flowgym.backends.sampling import sample_ode
 from flowgym.hub import parse_dtype
-from flowgym.kernels import ode_step
-from flowgym.schedules import static_shift_sigmas
 
 __all__ = ["DigitsBackend", "sample_ode"]
 
@@ -94,28 +92,3 @@ class DigitsBackend(FlowBackend):
     def encode_images(self, images: Tensor) -> Tensor:
         """Images in [0, 1] ``(B, 1, 8, 8)`` -> latents (the inverse of ``decode`` on [0, 1])."""
         return image_to_latent(images.to(self.device, torch.float32))
-
-
-@torch.no_grad()
-def sample_ode(
-    backend: FlowBackend,
-    prompts: Sequence[str],
-    num_steps: int = 10,
-    shift: float = DEFAULT_SHIFT,
-    guidance_scale: float = DEFAULT_GUIDANCE,
-    generator: torch.Generator | None = None,
-    batch_size: int = 1024,
-) -> Tensor:
-    """Sample images ``(B, C, H, W)`` in [0, 1] with the Euler ODE on ``static_shift_sigmas``."""
-    sigmas = static_shift_sigmas(num_steps, shift)
-    prompts = list(prompts)
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        cond = backend.encode_prompts(chunk)
-        x = torch.randn((len(chunk), *backend.latent_shape), generator=generator).to(backend.device)
-        for k in range(num_steps):
-            v = backend.velocity(x, sigmas[k], cond, guidance_scale=guidance_scale)
-            x, _ = ode_step(x, v, float(sigmas[k]), float(sigmas[k + 1]))
-        out.append(backend.decode(x))
-    return torch.cat(out)

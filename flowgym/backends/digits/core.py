@@ -24,7 +24,6 @@ and the forgetting metrics) and the fixed data split. ``DigitsBackend`` and ``sa
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from functools import lru_cache
@@ -34,9 +33,9 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from flowgym.backends.weights import ASSETS_DIR, load_module, resolve_weights, save_module
 
 
 __all__ = [
@@ -69,7 +68,6 @@ __all__ = [
     "to_digit_grid",
 ]
 
-ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
 FLOW_FILE = "digits_flow.safetensors"
 CLASSIFIER_FILE = "digits_classifier.safetensors"
 METADATA_FILE = "digits_pretrain.json"
@@ -297,43 +295,7 @@ class DigitClassifier(nn.Module):
         return self.head(self.dropout(self.features(images)))
 
 
-# =========================================================================== weights I/O
-def save_module(module: nn.Module, path: str | Path, extra: dict | None = None) -> None:
-    """Save ``module``'s state as safetensors with its ``config`` (and ``extra``) as json metadata."""
-    metadata = {"class": type(module).__name__, "config": json.dumps(module.config)}
-    if extra:
-        metadata["extra"] = json.dumps(extra)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in module.state_dict().items()}
-    save_file(state, str(path), metadata=metadata)
-
-
-_MODULE_CLASSES = {"DigitVelocityNet": DigitVelocityNet, "DigitClassifier": DigitClassifier}
-
-
-def load_module(path: str | Path, expected: type[nn.Module]) -> nn.Module:
-    """Rebuild a module saved by ``save_module`` (architecture from the file's metadata)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"weights file {str(path)!r} does not exist")
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    cls = _MODULE_CLASSES.get(metadata.get("class", ""))
-    if cls is not expected:
-        raise ValueError(
-            f"{str(path)!r} holds a {metadata.get('class', 'module of unknown class')}; expected {expected.__name__}"
-        )
-    module = cls(**json.loads(metadata["config"]))
-    module.load_state_dict(load_file(str(path)))
-    return module
-
-
-def resolve_weights(weights: str | Path | None, filename: str) -> Path:
-    if weights is None:
-        return ASSETS_DIR / filename
-    path = Path(weights)
-    return path / filename if path.is_dir() else path
-
-
+# =========================================================================== weights
 def load_classifier(
     weights: str | Path | None = None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> DigitClassifier:

@@ -1,4 +1,5 @@
-"""Safetensors I/O of the compose family's networks: weights plus the architecture as json metadata.
+"""Safetensors I/O of the embedded families' networks (digits, compose): weights plus the architecture
+as json metadata, and where the shipped files live.
 
 Every saved module has a ``config`` dict (its constructor's keyword arguments); ``save_module``
 writes ``{"class": name, "config": json}`` (and an optional ``extra`` json) as the file's metadata
@@ -17,7 +18,8 @@ from torch import nn
 
 __all__ = ["ASSETS_DIR", "read_metadata", "resolve_weights", "load_module", "save_module"]
 
-ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
+#: the shipped weights of the embedded families
+ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 
 
 def save_module(module: nn.Module, path: str | Path, extra: dict | None = None) -> None:
