@@ -4,8 +4,9 @@ the empty prompt as the unconditional input)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from tensordict import TensorDict
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 
 from flowgym.backends.base import FlowBackend, register_backend
 from flowgym.backends.compose import grammar
+from flowgym.backends.lora import SD3_LORA_TARGETS, LoraAdapters, check_lora_rank
 from flowgym.backends.weights import load_module, resolve_weights
 from flowgym.backends.compose.model import (
     ComposeTextEncoder,
@@ -43,6 +45,8 @@ METADATA_FILE = "compose_pretrain.json"
 #: schedule shift and CFG scale the shipped model is evaluated with (see compose_pretrain.json)
 DEFAULT_SHIFT = 1.0
 DEFAULT_GUIDANCE = 1.0
+#: entries per category of "train_by_category": the largest train category (attribute binding)
+TRAIN_PER_CATEGORY = 110
 
 
 @register_backend("compose")
@@ -52,9 +56,13 @@ class ComposeBackend(FlowBackend):
     ``weights``: ``None`` for the shipped model in ``flowgym/assets``, or a folder holding
     ``compose_flow.safetensors``, ``compose_text.safetensors`` and ``compose_tokenizer.json``.
     The velocity model (the policy) is the transformer; the text encoder is frozen and runs once per
-    distinct prompt (cached by the base class). Prompt sets: ``"train"``, ``"heldout"`` and
+    distinct prompt (cached by the base class). ``lora_rank=0`` (the default) trains the whole
+    transformer against a frozen copy; ``lora_rank > 0`` trains peft LoRA adapters on SD3.5's
+    targets (``lora_targets``) instead, with the adapters disabled as the reference, as the SD3
+    family does. Prompt sets: ``"train"``, ``"heldout"`` and
     ``"all"`` (``flowgym.backends.compose.grammar``), plus category-balanced ``"train_balanced"``
-    and ``"heldout_balanced"`` (8 prompts per category, seed 0).
+    and ``"heldout_balanced"`` (8 prompts per category, seed 0), and ``"train_by_category"``
+    (every train prompt, repeated so that each category is 1/6 of the list: the RL training set).
     """
 
     name = "compose"
@@ -69,9 +77,13 @@ class ComposeBackend(FlowBackend):
         weights: str | Path | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype | str = torch.float32,
+        lora_rank: int = 0,
+        lora_alpha: float = 16.0,
+        lora_targets: Sequence[str] = SD3_LORA_TARGETS,
     ) -> None:
         super().__init__()
         dtype = parse_dtype(dtype)
+        check_lora_rank(lora_rank)
         self.weights_path = resolve_weights(weights, FLOW_FILE)
         folder = self.weights_path.parent
         self.model = load_module(self.weights_path, ComposeTransformer).to(device=device, dtype=dtype).eval()
@@ -79,13 +91,28 @@ class ComposeBackend(FlowBackend):
             load_module(folder / TEXT_FILE, ComposeTextEncoder).to(device=device).eval().requires_grad_(False)
         )
         self.tokenizer = load_tokenizer(str(folder / TOKENIZER_FILE))
-        self.snapshot_reference()
+        self.lora = LoraAdapters(self.model.sd3, lora_rank, lora_alpha, lora_targets) if lora_rank else None
+        if self.lora is None:
+            self.snapshot_reference()
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """The pretrained model: LoRA adapters disabled, or the frozen copy of a full fine-tune."""
+        if self.lora is None:
+            with super().reference():
+                yield
+        else:
+            with self.lora.disabled():
+                yield
 
     # ------------------------------------------------------------------ hooks
     def prompt_sets(self) -> dict[str, list[str]]:
         sets = grammar.prompt_sets()
         sets["train_balanced"] = grammar.balanced_prompts(sets["train"], 8, seed=0)
         sets["heldout_balanced"] = grammar.balanced_prompts(sets["heldout"], 8, seed=0)
+        # every train prompt, each category equally likely (as GenEval's categories are about equal
+        # in size; "train" itself is half attribute-binding prompts)
+        sets["train_by_category"] = grammar.balanced_prompts(sets["train"], TRAIN_PER_CATEGORY, seed=0)
         return sets
 
     def _encode(self, prompts: list[str]) -> TensorDict:

@@ -14,7 +14,7 @@
 
 Writes ``compose_scorer.safetensors``, ``compose_flow.safetensors``, ``compose_text.safetensors``,
 ``compose_tokenizer.json`` and ``compose_pretrain.json`` (config, seeds, wall times, scores).
-The full run takes about 40 minutes on 2 CPU cores; ``--quick`` is a shortened run for tests.
+The full run took 56 minutes on 2 CPU cores of a shared machine (compose_pretrain.json "seconds"); ``--quick`` is a shortened run for tests.
 """
 
 from __future__ import annotations
@@ -78,9 +78,9 @@ class PretrainConfig:
     scorer_lr: float = 2e-3
     scorer_arch: dict = field(default_factory=lambda: {"channels": 16, "feature_dim": 32})
     scorer_eval_canvases: int = 1_000
-    flow_steps: int = 4_800
+    flow_steps: int = 6_000
     flow_batch: int = 64
-    flow_lr: float = 1e-3
+    flow_lr: float = 2e-3
     flow_warmup: int = 200
     flow_ema: float = 0.999
     prompt_dropout: float = 0.1
@@ -338,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m flowgym.backends.compose.pretrain")
     parser.add_argument("--seed", type=int, default=0, help="training seed (the glyph and prompt splits are fixed)")
     parser.add_argument("--out", type=Path, default=Path("flowgym/assets"), help="output folder")
-    parser.add_argument("--steps", type=int, default=None, help="flow-model optimiser steps (default 4800)")
+    parser.add_argument("--steps", type=int, default=None, help="flow-model optimiser steps (default 6000)")
     parser.add_argument("--scorer-steps", type=int, default=None, help="scorer CNN optimiser steps")
     parser.add_argument("--lr", type=float, default=None, help="flow-model learning rate")
     parser.add_argument("--quick", action="store_true", help="shortened run (under a minute)")

@@ -41,6 +41,7 @@ from tensordict import TensorDict
 from torch import Tensor, nn
 
 from flowgym.backends.base import FlowBackend, register_backend
+from flowgym.backends.lora import SD3_LORA_TARGETS, LoraAdapters, check_lora_rank
 from flowgym.backends.prompts import PROMPT_SETS
 from flowgym.hub import ModelNotAvailableError, module_device, module_dtype, resolve_device, resolve_dtype, resolve_pretrained
 
@@ -48,17 +49,6 @@ __all__ = ["DEFAULT_SD3_MODEL", "SD3_LORA_TARGETS", "SD3Backend"]
 
 DEFAULT_SD3_MODEL = "stabilityai/stable-diffusion-3.5-medium"
 
-#: Flow-GRPO's LoRA targets for SD3 / SD3.5: the joint attention's image and text projections
-SD3_LORA_TARGETS: tuple[str, ...] = (
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-)
 
 _SD3_REQUIRED = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 _SD3_OPTIONAL = ("text_encoder_3", "tokenizer_3", "scheduler")
@@ -110,8 +100,7 @@ class SD3Backend(FlowBackend):
         super().__init__()
         if (text_encoder_3 is None) != (tokenizer_3 is None):
             raise ValueError("text_encoder_3 and tokenizer_3 must be given together (or both None)")
-        if not isinstance(lora_rank, int) or lora_rank < 0:
-            raise ValueError(f"lora_rank must be an integer >= 0 (0: no LoRA); got {lora_rank!r}")
+        check_lora_rank(lora_rank)
         if full_finetune:
             lora_rank = 0  # the whole transformer trains; LoRA settings are ignored
         if not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= 512:
@@ -131,7 +120,6 @@ class SD3Backend(FlowBackend):
         self.full_finetune = bool(full_finetune)
         self.lora_rank = lora_rank
         self._text_encoders_freed = False
-        self._adapters_disabled = False
 
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.patch_size = int(transformer.config.patch_size)
@@ -155,10 +143,8 @@ class SD3Backend(FlowBackend):
             if module is not None:
                 module.requires_grad_(False).eval()
 
-        self._lora_names: list[str] = []
-        if lora_rank > 0:
-            self._add_lora(lora_rank, lora_alpha, lora_targets, trainable_dtype)
-        elif full_finetune:
+        self.lora = LoraAdapters(transformer, lora_rank, lora_alpha, lora_targets, trainable_dtype) if lora_rank else None
+        if full_finetune:
             transformer.requires_grad_(True)
         if gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
@@ -268,32 +254,6 @@ class SD3Backend(FlowBackend):
     #: configs build the backend from a hub id or folder: its options are ``from_pretrained``'s
     from_config = from_pretrained
 
-    def _add_lora(self, rank: int, alpha: float, targets: Sequence[str], trainable_dtype: torch.dtype | None) -> None:
-        from peft import LoraConfig
-
-        targets = list(targets)
-        if not targets:
-            raise ValueError("lora_targets is empty; give module name suffixes such as 'attn.to_q'")
-        config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
-        try:
-            self.transformer.add_adapter(config)
-        except ValueError as error:
-            if "not found in the base model" in str(error) or "Target modules" in str(error):
-                raise ValueError(
-                    f"lora_targets {targets} match no module of the transformer; accepted: suffixes of its "
-                    f"nn.Linear module names, e.g. {list(SD3_LORA_TARGETS)}"
-                ) from None
-            raise
-        self._lora_names = [n for n, _ in self.transformer.named_parameters() if "lora_" in n]
-        if not self._lora_names:
-            raise ValueError(f"lora_targets {targets} created no LoRA parameters")
-        params = dict(self.transformer.named_parameters())
-        for name in self._lora_names:
-            p = params[name]
-            if trainable_dtype is not None:
-                p.data = p.data.to(trainable_dtype)
-            p.requires_grad_(True)
-
     # ------------------------------------------------------------------ contract
     @property
     def device(self) -> torch.device:
@@ -397,21 +357,9 @@ class SD3Backend(FlowBackend):
         With ``full_finetune`` the frozen snapshot is used instead; with no trainable
         parameters (``lora_rank=0``) the model is its own reference.
         """
-        if self.lora_rank > 0:
-            if self._adapters_disabled:  # nested
+        if self.lora is not None:
+            with self.lora.disabled():
                 yield
-                return
-            params = dict(self.transformer.named_parameters())
-            flags = {name: params[name].requires_grad for name in self._lora_names}
-            self.transformer.disable_adapters()
-            self._adapters_disabled = True
-            try:
-                yield
-            finally:
-                self.transformer.enable_adapters()
-                self._adapters_disabled = False
-                for name, flag in flags.items():  # peft toggles requires_grad; restore exactly
-                    params[name].requires_grad_(flag)
         elif self.full_finetune:
             with super().reference():
                 yield
@@ -420,32 +368,19 @@ class SD3Backend(FlowBackend):
 
     def lora_parameter_names(self) -> list[str]:
         """Names (in ``transformer.named_parameters()``) of the LoRA weights; empty without LoRA."""
-        return list(self._lora_names)
+        return list(self.lora.names) if self.lora is not None else []
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """Only the LoRA weights with LoRA (the whole transformer with ``full_finetune``): a dict of
         contiguous tensors, ready for ``safetensors.torch.save_file``."""
-        if self.lora_rank > 0:
-            params = dict(self.transformer.named_parameters())
-            return {name: params[name].detach().clone().contiguous() for name in self._lora_names}
+        if self.lora is not None:
+            return self.lora.state_dict()
         return {k: v.contiguous() for k, v in super().trainable_state_dict().items()}
 
     def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
         """Load weights saved by ``trainable_state_dict``; keys and shapes must match exactly."""
-        if self.lora_rank > 0:
-            params = dict(self.transformer.named_parameters())
-            unknown = sorted(set(state) - set(self._lora_names))
-            missing = sorted(set(self._lora_names) - set(state))
-            if unknown or missing:
-                raise ValueError(
-                    f"LoRA state does not match this backend: unknown keys {unknown[:3]}, missing keys "
-                    f"{missing[:3]} (is the LoRA rank / target list the same?)"
-                )
-            with torch.no_grad():
-                for name, value in state.items():
-                    if params[name].shape != value.shape:
-                        raise ValueError(f"{name}: shape {tuple(value.shape)} != {tuple(params[name].shape)}")
-                    params[name].copy_(value)
+        if self.lora is not None:
+            self.lora.load_state_dict(state)
             return
         super().load_trainable_state_dict(state)
 
