@@ -22,6 +22,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from algos.losses.functional import STEP_WEIGHTINGS
 from flowgym.env import stochastic_step_mask
 
 __all__ = [
@@ -227,6 +228,8 @@ def _validate(cfg: RunConfig) -> None:
         # the loss constructors check these too, but only after the model is loaded (minutes for SD3.5)
         if key in ("threshold", "clip_range", "beta", "delta") and (not isinstance(value, (int, float)) or value < 0):
             raise ValueError(f"algo.loss.{key} must be a number >= 0; got {value!r}")
+        if key == "step_weighting" and value is not None and value not in STEP_WEIGHTINGS:
+            raise ValueError(f"algo.loss.step_weighting must be one of {list(STEP_WEIGHTINGS)}; got {value!r}")
     if a.noise_level is not None and a.noise_level <= 0:
         raise ValueError(f"algo.noise_level must be > 0 (trained steps need a Gaussian); got {a.noise_level}")
 

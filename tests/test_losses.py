@@ -90,15 +90,18 @@ def test_fresh_rollout_ratio_is_exactly_one(name):
     with torch.no_grad():
         assert torch.equal(_new_logp(policy, flat), flat["sample_log_prob"])
     out = loss(flat)
-    assert set(out.keys()) == STANDARD_KEYS
+    assert STANDARD_KEYS <= set(out.keys()) == set(loss.out_keys)
     assert out["ratio_min"].item() == 1.0 and out["ratio_max"].item() == 1.0 and out["ratio_mean"].item() == 1.0
     assert out["approx_kl"].item() == 0.0 and out["kl_old_new_max"].item() == 0.0
     assert out["frac_over_threshold"].item() == 0.0
     for key in ("clip_frac_high", "clip_frac_low", "mask_frac_pos", "mask_frac_neg"):
         value = out[key].item()
         assert value == 0.0 or (math.isnan(value) and key.startswith("clip" if name == "flow_dppo" else "mask"))
-    # at ratio 1 every objective is the plain policy-gradient surrogate -mean(A)
-    assert out["loss_objective"].item() == pytest.approx(-flat["advantage"].mean().item(), abs=1e-6)
+    # at ratio 1 every objective is the plain policy-gradient surrogate -mean(w * A), w = 1 unless the
+    # loss weights its steps by default (GRPO-Guard: w = 1 / (sigma - sigma_next))
+    weight = loss.evaluate(flat).step_weight
+    weight = torch.ones(flat.shape[0]) if weight is None else weight
+    assert out["loss_objective"].item() == pytest.approx(-(weight * flat["advantage"]).mean().item(), abs=1e-6)
 
 
 @pytest.mark.parametrize("kernel", ["flow_sde", "cps"])
@@ -119,7 +122,7 @@ def test_every_loss_updates_the_policy(name):
     optimizer = torch.optim.Adam(params, lr=1e-3)
     for minibatch in (flat[0::2], flat[1::2], flat[0::2]):
         out = loss(minibatch)
-        assert set(out.keys()) == STANDARD_KEYS
+        assert STANDARD_KEYS <= set(out.keys()) == set(loss.out_keys)
         total = sum(v for k, v in out.items() if k.startswith("loss_"))
         assert torch.isfinite(total)
         optimizer.zero_grad()

@@ -24,6 +24,7 @@ from algos.losses.ppo_clip import ClippedRatioLoss, PPOClipLoss, PromptSigmaValu
 from algos.losses.grpo import GRPOLoss
 from algos.losses.cps import CPSLoss
 from algos.losses.flow_dppo import FlowDPPOLoss
+from algos.losses.grpo_guard import GRPOGuardLoss
 
 __all__ = [
     "DIAGNOSTIC_KEYS",
@@ -32,6 +33,7 @@ __all__ = [
     "CPSLoss",
     "FlowDPPOLoss",
     "FlowPolicyLoss",
+    "GRPOGuardLoss",
     "GRPOLoss",
     "PPOClipLoss",
     "PolicyEvaluation",

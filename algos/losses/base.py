@@ -34,6 +34,22 @@ A ``TensorDict`` (no batch dimensions) of
   ``kl_ref``                 exact KL to the reference (pretrained) policy, mean over dims and
                              steps; computed when ``beta > 0`` or ``log_kl_ref=True``, else NaN.
 
+Per-step weighting of the policy term
+-------------------------------------
+``step_weighting`` (every loss that supports it: PPO-clip, Flow-GRPO, Flow-CPS, Flow-DPPO,
+GRPO-Guard) multiplies each (sample, step) element of the policy term by a weight ``w_i`` before
+the loss's reduction; the KL-to-reference and value terms are never weighted:
+
+* ``"none"`` (default except GRPO-Guard): no weight, the loss is computed exactly as without it;
+* ``"tempflow"``: TempFlow-GRPO's noise-aware ``w = 2.25 * s_t``, ``s_t`` the step's std (the
+  ``scale`` entry, ``sigma_t * sqrt(-dt)`` for Flow-SDE);
+* ``"guard"``: GRPO-Guard's ``w = 1 / mean(sqrt(-dt))^2 = 1 / (sigma - sigma_next)``, the mean over
+  the rows of the same step (GRPO-Guard's own default).
+
+The weights are ``functional.step_weights`` (detached, ``PolicyEvaluation.step_weight``; ``None``
+for "none"), so a benchmark can separate a method's weighting from its trust region
+(``algo.loss.step_weighting=tempflow`` on the command line).
+
 Ratio exactly 1 before the first update
 ---------------------------------------
 With unchanged parameters the recomputed log-probability equals the rollout's bitwise when the
@@ -48,7 +64,10 @@ Subclass ``FlowPolicyLoss``, set ``default_advantage`` (a name in ``algos.advant
 and, if the method needs a particular step kernel, ``required_kernel``; implement
 ``objective(batch) -> dict`` returning ``"loss_objective"`` (and optionally other ``loss_*`` terms
 and diagnostics); decorate the class with ``@register_loss("name")``. The base class recomputes the
-new policy, the ratios, the shared diagnostics and the optional KL-to-reference term.
+new policy, the ratios, the shared diagnostics and the optional KL-to-reference term. A loss that
+applies ``batch.step_weight`` to its policy term sets ``supports_step_weighting = True`` (the others
+reject any ``step_weighting`` but ``"none"``); diagnostics beyond ``DIAGNOSTIC_KEYS`` are declared
+in ``extra_diagnostic_keys``.
 """
 
 from __future__ import annotations
@@ -63,7 +82,15 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor, nn
 from torchrl.objectives import LossModule
 
-from algos.losses.functional import approx_kl, check_nonnegative, ratio_from_log_probs, step_divergence
+from algos.losses.functional import (
+    StepWeighting,
+    approx_kl,
+    check_nonnegative,
+    check_step_weighting,
+    ratio_from_log_probs,
+    step_divergence,
+    step_weights,
+)
 from flowgym.kernels import flow_grpo_reference_kl, gaussian_kl
 from flowgym.registry import Registry
 
@@ -102,6 +129,7 @@ class PolicyEvaluation:
     ``velocity_new``. ``ratio`` is ``exp(log_ratio)`` with gradient; objectives that mask or
     clip should rebuild it with ``functional.importance_ratio(batch.log_ratio, keep)`` to stay
     NaN-free under overflow. ``kl_old_new`` (exact KL, mean over dims) is detached.
+    ``step_weight`` multiplies the per-element policy loss (``functional.weighted_mean``).
     """
 
     td: TensorDictBase  # the flattened input
@@ -116,6 +144,8 @@ class PolicyEvaluation:
     velocity_new: Tensor  # (N, ...)
     velocity_old: Tensor | None  # (N, ...) or None when the input has no old velocity
     kl_old_new: Tensor  # (N,), detached
+    #: (N,) detached weights of the policy term (``step_weighting``), None for "none"
+    step_weight: Tensor | None = None
 
 
 class FlowPolicyLoss(LossModule):
@@ -129,6 +159,10 @@ class FlowPolicyLoss(LossModule):
             e.g. 0.04, are on that scale; see ``flowgym.kernels.flow_grpo_reference_kl``).
         delta: divergence threshold for the ``frac_over_threshold`` diagnostic (Flow-DPPO: the
             mask threshold itself). Default 1e-5, on the mean-over-dims scale.
+        step_weighting: per-step weight of the policy term, ``"none"``, ``"tempflow"`` or
+            ``"guard"`` (see the module docstring); ``None``: the class's
+            ``default_step_weighting``. Only losses with ``supports_step_weighting`` accept
+            anything but ``"none"``.
         log_kl_ref: compute the ``kl_ref`` diagnostic even when ``beta == 0`` (one extra
             no-grad forward of the reference model per call).
         allow_kernel_mismatch: accept a policy whose kernel differs from ``required_kernel``.
@@ -138,6 +172,9 @@ class FlowPolicyLoss(LossModule):
         required_kernel: the policy kernel the method is defined with (None: any).
         policy_defaults: ``FlowPolicy`` keyword arguments the method recommends (a trainer
             building the policy merges them under the user's overrides).
+        default_step_weighting: the ``step_weighting`` used when none is given ("none").
+        supports_step_weighting: whether ``objective`` applies ``batch.step_weight``.
+        extra_diagnostic_keys: diagnostics the loss reports besides ``DIAGNOSTIC_KEYS``.
     """
 
     default_advantage: ClassVar[str] = "group"
@@ -145,6 +182,9 @@ class FlowPolicyLoss(LossModule):
     policy_defaults: ClassVar[Mapping[str, Any]] = MappingProxyType({})
     #: True when ``forward`` reads the ``reward`` entry (PPO-clip with a value baseline)
     requires_reward: bool = False
+    default_step_weighting: ClassVar[str] = "none"
+    supports_step_weighting: ClassVar[bool] = False
+    extra_diagnostic_keys: ClassVar[tuple[str, ...]] = ()
 
     @dataclass
     class _AcceptedKeys:
@@ -175,6 +215,7 @@ class FlowPolicyLoss(LossModule):
         delta: float = 1e-5,
         log_kl_ref: bool = False,
         allow_kernel_mismatch: bool = False,
+        step_weighting: StepWeighting | None = None,
     ) -> None:
         super().__init__()
         for attr in ("distribution", "log_prob", "reference", "trainable_parameters"):
@@ -199,6 +240,13 @@ class FlowPolicyLoss(LossModule):
         self.kl_convention = kl_convention
         self.delta = check_nonnegative("delta", delta)
         self.log_kl_ref = bool(log_kl_ref)
+        self.step_weighting = check_step_weighting(self.default_step_weighting if step_weighting is None else step_weighting)
+        if self.step_weighting != "none" and not self.supports_step_weighting:
+            # a silently ignored weighting would make a benchmark compare the wrong thing
+            raise ValueError(
+                f"{type(self).__name__} does not apply per-step weights to its objective; "
+                f"step_weighting must be 'none' for it; got {self.step_weighting!r}"
+            )
 
     # ------------------------------------------------------------------ keys
     @property
@@ -211,7 +259,7 @@ class FlowPolicyLoss(LossModule):
 
     @property
     def out_keys(self) -> list[str]:
-        return [*self.loss_keys, *DIAGNOSTIC_KEYS]
+        return [*self.loss_keys, *DIAGNOSTIC_KEYS, *self.extra_diagnostic_keys]
 
     @property
     def loss_keys(self) -> list[str]:
@@ -269,6 +317,15 @@ class FlowPolicyLoss(LossModule):
             raise ValueError(f"{key!r} must hold one value per (sample, step), shape ({n},); got {tuple(advantage.shape)}")
         return advantage.detach().reshape(n).to(device=device, dtype=torch.float32)
 
+    def step_weights(self, td: TensorDictBase, scale: Tensor) -> Tensor | None:
+        """The ``(N,)`` detached weights of the policy term under ``self.step_weighting`` (None for "none")."""
+        if self.step_weighting == "none":
+            return None
+        k = self.tensor_keys
+        sigma = td.get(k.sigma).to(scale.device)
+        sigma_next = td.get(k.sigma_next).to(scale.device)
+        return step_weights(self.step_weighting, scale, sigma, sigma_next)
+
     def evaluate(self, td: TensorDictBase) -> PolicyEvaluation:
         """Recompute the new policy on the (flattened) input and gather what ``objective`` needs."""
         k = self.tensor_keys
@@ -295,6 +352,7 @@ class FlowPolicyLoss(LossModule):
             velocity_new=velocity_new,
             velocity_old=velocity_old,
             kl_old_new=kl_old_new,
+            step_weight=self.step_weights(td, scale),
         )
 
     @torch.no_grad()

@@ -15,6 +15,9 @@ mean-over-dims scale. Works with the Flow-SDE kernel (default) and with CPS ("Fl
 
 The mask only bites once the policy has moved since the rollout: it needs more than one
 optimiser step per rollout batch (two mini-batches per rollout in the recipes).
+
+``step_weighting`` ("none", "tempflow", "guard"; see ``algos.losses.base``) multiplies each
+element of the sum by its step weight: ``L = sum_i w_i * M_i * (-A_i * ratio_i) / Z``.
 """
 
 from __future__ import annotations
@@ -41,10 +44,11 @@ class FlowDPPOLoss(FlowPolicyLoss):
         divergence: ``"kl"`` (exact mean-over-dims KL of the step policies, default) or
             ``"velocity"`` (mean squared velocity difference; needs the rollout's ``velocity``).
         normalize: ``"all"`` (divide by N, default) or ``"kept"`` (divide by the kept count).
-        beta, kl_convention, log_kl_ref, allow_kernel_mismatch: see ``FlowPolicyLoss``.
+        beta, kl_convention, log_kl_ref, allow_kernel_mismatch, step_weighting: see ``FlowPolicyLoss``.
     """
 
     default_advantage = "group"
+    supports_step_weighting = True
 
     def __init__(
         self,
@@ -78,7 +82,7 @@ class FlowDPPOLoss(FlowPolicyLoss):
         keep, _, _ = flow_dppo_mask(batch.ratio, advantage, divergence, self.delta)
         # the gradient never enters exp() where it is masked: no 0 * inf = NaN under ratio overflow
         ratio = importance_ratio(batch.log_ratio, keep & (advantage != 0))
-        terms = flow_dppo_objective(ratio, advantage, divergence, self.delta, self.normalize)
+        terms = flow_dppo_objective(ratio, advantage, divergence, self.delta, self.normalize, weight=batch.step_weight)
         positive, negative = advantage > 0, advantage < 0
         return {
             "loss_objective": terms.loss,

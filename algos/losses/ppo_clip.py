@@ -8,7 +8,8 @@ over latent dimensions)::
 DDPO uses per-prompt running reward statistics for ``A`` (``default_advantage = "per_prompt"``),
 ``eps = 1e-4`` and no KL term. DDPO clips advantages to [-5, 5]; here the estimators do that
 (``algos.advantages``, ``clip=5.0``) and the loss uses the advantage it is given as is. Optionally a learned value baseline replaces the advantage
-estimator (see ``PPOClipLoss``).
+estimator (see ``PPOClipLoss``). ``step_weighting`` ("none", "tempflow", "guard") weights each
+element of the mean (``L = mean_i w_i * max(...)``, see ``algos.losses.base``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tensordict import TensorDictBase
 from torch import Tensor, nn
 
 from algos.losses.base import FlowPolicyLoss, PolicyEvaluation, register_loss
-from algos.losses.functional import check_nonnegative, importance_ratio, ppo_clip_active, ppo_clip_objective
+from algos.losses.functional import check_nonnegative, importance_ratio, ppo_clip_active, ppo_clip_objective, weighted_mean
 from flowgym.td_utils import as_string_list
 
 __all__ = ["ClippedRatioLoss", "PPOClipLoss", "PromptSigmaValue"]
@@ -34,25 +35,34 @@ class ClippedRatioLoss(FlowPolicyLoss):
     Args:
         policy: the ``FlowPolicy`` being trained.
         clip_range: eps of ``clamp(ratio, 1 - eps, 1 + eps)`` (>= 0).
-        **kwargs: ``beta``, ``kl_convention``, ``delta``, ``log_kl_ref``, ``allow_kernel_mismatch``
-            (see ``FlowPolicyLoss``).
+        **kwargs: ``beta``, ``kl_convention``, ``delta``, ``log_kl_ref``, ``allow_kernel_mismatch``,
+            ``step_weighting`` (see ``FlowPolicyLoss``).
     """
 
     default_clip_range: float = 1e-4
+    supports_step_weighting = True
 
     def __init__(self, policy: nn.Module, *, clip_range: float | None = None, **kwargs: Any) -> None:
         super().__init__(policy, **kwargs)
         self.clip_range = check_nonnegative("clip_range", self.default_clip_range if clip_range is None else clip_range)
 
-    def clipped_objective(self, batch: PolicyEvaluation, advantage: Tensor) -> dict[str, Tensor]:
-        """The mean clipped surrogate and the two clip fractions for ``advantage`` (N,)."""
+    def clipped_objective(self, batch: PolicyEvaluation, advantage: Tensor, log_ratio: Tensor | None = None) -> dict[str, Tensor]:
+        """The (step-weighted) mean clipped surrogate and the two clip fractions for ``advantage`` (N,).
+
+        ``log_ratio``: the log-ratio to clip, ``batch.log_ratio`` by default (GRPO-Guard passes
+        its normalised one); the clip fractions are those of ``exp(log_ratio)``.
+        """
+        if log_ratio is None:
+            log_ratio, full_ratio = batch.log_ratio, batch.ratio
+        else:
+            full_ratio = torch.exp(log_ratio.detach())
         with torch.no_grad():
-            active = ppo_clip_active(batch.ratio, advantage, self.clip_range)
+            active = ppo_clip_active(full_ratio, advantage, self.clip_range)
         # cut the gradient (not just the value) where it is zero anyway: NaN-free under ratio overflow
-        ratio = importance_ratio(batch.log_ratio, ~active & (advantage != 0))
+        ratio = importance_ratio(log_ratio, ~active & (advantage != 0))
         terms = ppo_clip_objective(ratio, advantage, self.clip_range)
         return {
-            "loss_objective": terms.per_element_loss.mean(),
+            "loss_objective": weighted_mean(terms.per_element_loss, batch.step_weight),
             "clip_frac_high": terms.clipped_high.float().mean(),
             "clip_frac_low": terms.clipped_low.float().mean(),
         }
