@@ -36,6 +36,7 @@ __all__ = [
     "as_dict",
     "check_overrides",
     "check_rollout_split",
+    "check_sample_split",
     "env_arguments",
     "load_config",
     "validate_config",
@@ -244,6 +245,22 @@ def check_rollout_split(cfg: RunConfig, num_prompts: int, group_size: int, num_s
         raise ValueError(
             f"the rollout's {pairs} (sample, step) pairs do not split into trainer.num_minibatches="
             f"{cfg.trainer.num_minibatches} equal mini-batches; choose a divisor of {pairs}"
+        )
+
+
+def check_sample_split(cfg: RunConfig, num_prompts: int, group_size: int) -> None:
+    """For a per-sample loss (``batch_kind == "samples"``): the rollout's samples must split into
+    ``trainer.num_minibatches`` equal parts, and there is no per-step old policy to refresh."""
+    samples = num_prompts * group_size * cfg.trainer.rollout_batches
+    if samples % cfg.trainer.num_minibatches:
+        raise ValueError(
+            f"the rollout's {samples} samples do not split into trainer.num_minibatches="
+            f"{cfg.trainer.num_minibatches} equal mini-batches; choose a divisor of {samples}"
+        )
+    if cfg.trainer.refresh_old_policy:
+        raise ValueError(
+            f"trainer.refresh_old_policy recomputes per-step log-probs; {cfg.algo.name!r} trains on clean samples "
+            "and keeps its old policy as a parameter copy: set trainer.refresh_old_policy=false"
         )
 
 

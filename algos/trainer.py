@@ -19,10 +19,17 @@ Read top to bottom:
    whose advantage is exactly 0 carry no gradient and are dropped (Flow-GRPO does the same).
 3. ``update``: the updater's optimizer steps over the (sample, stochastic step) pairs.
 4. ``evaluate``: the evaluator, every ``trainer.eval_every`` iterations and at the end.
+
+Losses on final clean samples (``batch_kind == "samples"``, ``algos.losses.sample_base``: DiffusionNFT,
+AWM) differ in what the update gets, and nothing else: ``training_batch`` builds one row per sample
+(``training_samples``) instead of the pairs; rollouts are collected inside ``loss.sampling()``
+(DiffusionNFT samples with its old policy); with the ODE kernel (their default) no rollout step is
+stochastic; checkpoints carry the loss's parameter copies (``loss.training_state()``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from pathlib import Path
@@ -33,10 +40,19 @@ from tensordict import TensorDict
 
 from algos.advantages import ADVANTAGES, make_advantage
 from algos.checkpoint import latest_checkpoint, load_checkpoint
-from algos.config import POLICY_KEYS, RunConfig, check_rollout_split, env_arguments, load_config, validate_config
+from algos.config import (
+    POLICY_KEYS,
+    RunConfig,
+    check_rollout_split,
+    check_sample_split,
+    env_arguments,
+    load_config,
+    validate_config,
+)
 from algos.ema import ParameterEMA
 from algos.evaluation import Evaluator, drift_kl, final_rewards, trajectory_drift
-from algos.losses import get_loss_class
+from algos.losses import SAMPLES, get_loss_class
+from algos.losses.sample_base import batch_kind
 from algos.run_logger import RunLogger
 from algos.strategy import SingleDevice, Strategy
 from algos.updater import Updater
@@ -79,11 +95,22 @@ class Trainer:
         if "weights" in inspect.signature(ADVANTAGES.lookup(advantage_name)).parameters:
             advantage_kwargs.setdefault("weights", dict(cfg.reward.weights) or None)  # GDPO weighs the terms like the env
         self.advantage = make_advantage(advantage_name, **advantage_kwargs)
+        #: what the update trains on: "transitions" ((sample, step) pairs) or "samples" (clean x0 per sample)
+        self.batch_kind = batch_kind(loss_class)
+        policy_arguments = _policy_arguments(cfg, loss_class)
+        env_args = env_arguments(e)
+        if self.batch_kind == SAMPLES and policy_arguments.get("kernel") == "ode":
+            # a per-sample method sampling with the ODE: no rollout step draws noise (for these
+            # methods env.stochastic_steps only says where a stochastic kernel would inject it)
+            env_args["stochastic_steps"] = "none"
         # everything that can be checked without the model is checked before it is built
-        resolved_env = env_arguments_with_defaults(e.name, env_arguments(e))
+        resolved_env = env_arguments_with_defaults(e.name, env_args)
         if getattr(self.advantage, "group_relative", False) and resolved_env["group_size"] < 2:
             raise ValueError(f"advantage {advantage_name!r} is group-relative and needs env.group_size >= 2; got {resolved_env['group_size']}")
-        check_rollout_split(cfg, resolved_env["num_prompts"], resolved_env["group_size"], resolved_env["num_steps"], resolved_env["stochastic_steps"])
+        if self.batch_kind == SAMPLES:
+            check_sample_split(cfg, resolved_env["num_prompts"], resolved_env["group_size"])
+        else:
+            check_rollout_split(cfg, resolved_env["num_prompts"], resolved_env["group_size"], resolved_env["num_steps"], resolved_env["stochastic_steps"])
 
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -94,12 +121,12 @@ class Trainer:
         torch.manual_seed(seed)
 
         self.env: FlowDenoiseEnv = make_env(
-            e.name, backend_options=e.backend, **env_arguments(e),
+            e.name, backend_options=e.backend, **env_args,
             rewards=dict(cfg.reward.weights) or None, reward_kwargs=dict(cfg.reward.kwargs),
             device=self.device, seed=seed,
         )
         self.backend = self.env.backend
-        self.policy = FlowPolicy(self.backend, **_policy_arguments(cfg, loss_class), seed=seed + 1)
+        self.policy = FlowPolicy(self.backend, **policy_arguments, seed=seed + 1)
         self.loss_module = loss_class(self.policy, **dict(a.loss))
 
         policy_params = list(self.policy.trainable_parameters())
@@ -168,8 +195,12 @@ class Trainer:
             "group_id": torch.cat([e["group_id"] + i * offset for i, e in enumerate(episodes)]),
         }
 
+    def _sampling(self) -> contextlib.AbstractContextManager[Any]:
+        """The context rollouts are collected in: the loss's ``sampling()`` for a per-sample loss."""
+        return self.loss_module.sampling() if self.batch_kind == SAMPLES else contextlib.nullcontext()
+
     def _collect_episode(self) -> dict[str, Any]:
-        with self.strategy.autocast():
+        with self.strategy.autocast(), self._sampling():
             traj = self.env.rollout(self.env.num_steps, self.policy)
         drift = trajectory_drift(self.backend, self.policy, traj, self.strategy.autocast) if self.cfg.trainer.drift_every_iteration else []
         reward, reward_terms = final_rewards(traj)
@@ -200,6 +231,31 @@ class Trainer:
             keep = keep & (traj.get("advantage") != 0)
         return traj[keep]
 
+    def training_samples(self, rollout: Mapping[str, Any]) -> TensorDict:
+        """One row per sample for a per-sample loss (``algos.losses.sample_base``): the final clean
+        latent ``sample``, the rollout's ``sigmas`` (B, K), the ``advantage`` and the ``sample_index``;
+        zero-advantage samples dropped when ``trainer.drop_zero_advantage``."""
+        advantage = self.advantage(rollout["reward"], rollout["reward_terms"], rollout["prompts"], rollout["group_id"])
+        traj = rollout["trajectory"]
+        B = traj.batch_size[0]
+        samples = TensorDict(
+            {
+                "sample": traj.get("action")[:, -1].contiguous(),  # the last step's action: the clean sample
+                "sigmas": traj.get("sigma").contiguous(),
+                "advantage": advantage.to(traj.device).float(),
+                "sample_index": torch.arange(B, device=traj.device),
+            },
+            batch_size=[B],
+            device=traj.device,
+        )
+        if self.cfg.trainer.drop_zero_advantage:
+            samples = samples[samples.get("advantage") != 0]
+        return samples
+
+    def training_batch(self, rollout: Mapping[str, Any]) -> TensorDict:
+        """What the update trains on, by the loss's ``batch_kind``: pairs, or one row per sample."""
+        return self.training_samples(rollout) if self.batch_kind == SAMPLES else self.training_pairs(rollout)
+
     def update(self, pairs: TensorDict, conditioning: TensorDict) -> dict[str, float]:
         return self.updater.update(pairs, conditioning)
 
@@ -219,7 +275,7 @@ class Trainer:
         while self.iteration < t.iterations:
             start = time.perf_counter()
             rollout = self.collect()
-            pairs = self.training_pairs(rollout)
+            pairs = self.training_batch(rollout)
             stats = self.update(pairs, rollout["conditioning"])
             self.iteration += 1
             row: dict[str, float] = {
@@ -259,6 +315,8 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "extra_params": {k: v.detach().cpu() for k, v in self.extra_params.items()},
             "advantage": self.advantage.state_dict() if hasattr(self.advantage, "state_dict") else None,
+            # a per-sample loss's old / EMA parameter copies and its step count
+            "loss": self.loss_module.training_state() if self.batch_kind == SAMPLES else None,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "env": self.env.generator_state(),
@@ -289,6 +347,10 @@ class Trainer:
                 self.extra_params[name].copy_(value)
         if state.get("advantage") is not None and hasattr(self.advantage, "load_state_dict"):
             self.advantage.load_state_dict(state["advantage"])
+        if self.batch_kind == SAMPLES:
+            if state.get("loss") is None:
+                raise ValueError(f"{checkpoint} holds no state of the {self.cfg.algo.name!r} loss (its old / EMA policy copies)")
+            self.loss_module.load_training_state(state["loss"])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         self.env.set_generator_state(rng["env"])

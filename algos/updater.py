@@ -7,6 +7,12 @@ pairs with the updater's own generator, splits them into ``trainer.num_minibatch
 clips the gradient norm, steps AdamW and updates the EMA. ``Updater.step(batch)`` is one optimizer
 step on one batch (what the ratio-noise probe drives). Backward and gradient reduction go through
 the strategy; the returned statistics are means over updates (``*_max`` / ``*_min``: extremes).
+
+A loss whose ``batch_kind`` is ``"samples"`` (``algos.losses.sample_base``) gets one row per sample
+instead of pairs: before the first epoch ``loss.prepare`` draws its trained timesteps and fresh noise
+(from the shuffle generator, so a checkpoint restores them) and precomputes what needs the pre-update
+policy; after the last, ``loss.after_update`` moves its old / EMA parameter copies. Shuffling,
+mini- and micro-batches are the same, over samples.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from torch import nn
 
 from algos.config import TrainerConfig
 from algos.ema import ParameterEMA
+from algos.losses.sample_base import SAMPLES, batch_kind
 from algos.strategy import Strategy
 
 __all__ = ["Updater", "summarise"]
@@ -60,6 +67,7 @@ class Updater:
         self.optimizer = torch.optim.AdamW(list(parameters), lr=config.lr, weight_decay=config.weight_decay)
         self.ema = ema
         self.shuffle_generator = torch.Generator().manual_seed(seed)
+        self.batch_kind = batch_kind(loss_module)
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -105,10 +113,23 @@ class Updater:
         if self.ema is not None:
             self.ema.update()
 
+    def prepare_samples(self, samples: TensorDict, conditioning: TensorDict) -> TensorDict:
+        """A per-sample loss's training batch: its timesteps, fresh noise and pre-update quantities."""
+        samples.set("conditioning", conditioning[samples.get("sample_index")])
+        return self.loss_module.prepare(
+            samples, generator=self.shuffle_generator, chunk_size=self.config.micro_batch_size, autocast=self.strategy.autocast
+        )
+
     def update(self, pairs: TensorDict, conditioning: TensorDict) -> dict[str, float]:
-        """``inner_epochs`` passes of mini-batch updates; the diagnostics' summary, ``num_updates``, ``num_pairs``."""
+        """``inner_epochs`` passes of mini-batch updates; the diagnostics' summary, ``num_updates``, ``num_pairs``.
+
+        ``pairs``: the (sample, step) pairs, or for a ``batch_kind == "samples"`` loss the samples.
+        """
         sums: dict[str, list[float]] = {}
         num_updates = 0
+        samples = self.batch_kind == SAMPLES
+        if samples and pairs.batch_size[0] > 0:
+            pairs = self.prepare_samples(pairs, conditioning)
         for epoch in range(self.config.inner_epochs):
             if pairs.batch_size[0] == 0:
                 break
@@ -118,4 +139,10 @@ class Updater:
         stats = self.strategy.reduce_metrics(summarise(sums))
         stats["num_updates"] = num_updates
         stats["num_pairs"] = int(pairs.batch_size[0])
+        if samples:
+            # the old / EMA copies move once per rollout, after its optimiser steps
+            stats.update(self.loss_module.after_update(num_updates))
+            sigma = self.loss_module.tensor_keys.sigma
+            stats["num_samples"] = stats["num_pairs"]
+            stats["num_pairs"] = int(pairs.get(sigma).numel()) if sigma in pairs.keys() else 0
         return stats

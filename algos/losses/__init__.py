@@ -8,6 +8,11 @@ its step kernel (``cls.required_kernel``), so a trainer never branches on the lo
 
 A new method is one new file: subclass ``FlowPolicyLoss``, implement ``objective`` (with the
 maths in ``algos.losses.functional`` style) and decorate it with ``@register_loss("name")``.
+
+Methods that train on the rollout's final clean samples instead of its per-step log-probs
+(DiffusionNFT, AWM) subclass ``SampleLoss`` (``algos.losses.sample_base``): their class attribute
+``batch_kind = "samples"`` tells the trainer and the updater to build per-sample batches
+(``batch_kind(cls)`` is ``"transitions"`` for every ``FlowPolicyLoss``).
 """
 
 from algos.losses import functional
@@ -25,9 +30,14 @@ from algos.losses.grpo import GRPOLoss
 from algos.losses.cps import CPSLoss
 from algos.losses.flow_dppo import FlowDPPOLoss
 from algos.losses.grpo_guard import GRPOGuardLoss
+from algos.losses.sample_base import SAMPLES, TRANSITIONS, SampleBatch, SampleLoss, batch_kind
+from algos.losses.diffusion_nft import DiffusionNFTLoss
+from algos.losses.awm import AWMLoss
 
 __all__ = [
+    "AWMLoss",
     "DIAGNOSTIC_KEYS",
+    "DiffusionNFTLoss",
     "LOSSES",
     "ClippedRatioLoss",
     "CPSLoss",
@@ -38,6 +48,11 @@ __all__ = [
     "PPOClipLoss",
     "PolicyEvaluation",
     "PromptSigmaValue",
+    "SAMPLES",
+    "SampleBatch",
+    "SampleLoss",
+    "TRANSITIONS",
+    "batch_kind",
     "functional",
     "get_loss_class",
     "make_loss",
