@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from algos.bench import paper as _paper  # noqa: F401  (registers the paper suites and the "paper" group)
 from algos.bench import suites as bench_suites
 from algos.bench.jobs import ROOT, BenchOptions, machine_info, run_jobs
 
@@ -66,7 +67,7 @@ def run_suite(
                      f"this call took {summary['wall_s'] / 60:.1f} min; the runs' own times add up to {run_minutes:.1f} min "
                      f"(run {max(num_workers, 1)} at a time). Command: `{_command_line()}`.")
         index += ["", *[f"- [{n}]({n}.md): {bench_suites.SUITES[n].title}" for n in names], ""]
-        (out / "index.md").write_text("\n".join(index))
+        (out / ("index.md" if name == "all" else f"{name}_index.md")).write_text("\n".join(index))
     log(f"[bench] done: {summary['runs']} in {summary['wall_s'] / 60:.1f} min")
     return summary
 
@@ -80,7 +81,7 @@ def _command_line() -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m algos.bench", description="The benchmark harness: trust-region methods side by side, with plots.")
-    parser.add_argument("suite", choices=sorted([*bench_suites.SUITES, "all", "quick"]), help="which suite to run")
+    parser.add_argument("suite", choices=sorted([*bench_suites.SUITES, *bench_suites.GROUPS, "quick"]), help="which suite (or group: all, paper) to run")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per point (default 3; 2 with --quick)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="report folder")
@@ -91,12 +92,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="extra Hydra override for every run (repeatable), e.g. --set trainer.iterations=60")
     parser.add_argument("--device", default="cpu", help="device of every run (cpu, cuda, auto)")
     parser.add_argument("--fresh", action="store_true", help="ignore cached runs and run everything again")
+    parser.add_argument("--full", action="store_true", help="paper suites: the full version (every sweep, 100 iterations; use --seeds 5)")
+    parser.add_argument("--methods", default=None, help="paper suites: comma-separated loss names or labels to run (default: all)")
     args = parser.parse_args(argv)
     quick = args.quick or args.suite == "quick"
     seeds = args.seeds if args.seeds is not None else (2 if quick else 3)
     options = BenchOptions(
         seeds=seeds, quick=quick, algos=tuple(a.strip() for a in args.algos.split(",") if a.strip()),
-        overrides=tuple(args.overrides), device=args.device,
+        overrides=tuple(args.overrides), device=args.device, full=args.full,
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None,
     )
     return run_suite(args.suite, options, out=args.out, cache=args.cache, num_workers=args.jobs, fresh=args.fresh)
 

@@ -36,6 +36,8 @@ class BenchOptions:
     algos: tuple[str, ...] = ("flow_dppo", "grpo")
     overrides: tuple[str, ...] = ()  # applied to every run, after the suite's own
     device: str = "cpu"
+    full: bool = False  # the paper suites' full version (every sweep, 100 iterations) instead of the reduced one
+    methods: tuple[str, ...] | None = None  # paper suites: only these methods (loss names or labels); None = all
 
     def __post_init__(self) -> None:
         if not isinstance(self.seeds, int) or self.seeds < 1:
@@ -81,6 +83,8 @@ def compose_config(algo: str, overrides: Sequence[str] = (), seed: int = 0) -> d
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
+
+    import algos.config  # noqa: F401  (registers the schema configs/config.yaml builds on)
 
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()

@@ -138,7 +138,7 @@ class Table:
 
     def to_json(self) -> dict[str, Any]:
         def cell(value: Any) -> Any:
-            if isinstance(value, Stat):
+            if hasattr(value, "to_json"):
                 return value.to_json()
             if isinstance(value, float):
                 return _finite_or_none(value)
@@ -172,9 +172,14 @@ def make_point(
     *,
     kind: str = "train",
     params: Mapping[str, Any] | None = None,
+    size: Sequence[str] | None = None,
 ) -> Point:
-    """Compose the point's config once and derive one job per seed (``seed`` is a top-level key only)."""
-    size = QUICK_SIZE if options.quick else FULL_SIZE
+    """Compose the point's config once and derive one job per seed (``seed`` is a top-level key only).
+
+    ``size`` replaces the digits suites' ``FULL_SIZE`` / ``QUICK_SIZE`` (the compose suites pass their own).
+    """
+    if size is None:
+        size = QUICK_SIZE if options.quick else FULL_SIZE
     full = [*COMMON, f"device={options.device}", *size, *overrides, *options.overrides]
     base = compose_config(algo, full, seed=0)
     if base["algo"].get("advantage") is None:
@@ -230,6 +235,8 @@ class Suite:
     claim: str
     build: Callable[[BenchOptions], list[Point]]
     analyse: Callable[[SuiteData, Path], Report]
+    #: the report's "Setting:" line from one job's config and the options (None: the digits description)
+    describe: Callable[[Mapping[str, Any], BenchOptions], str] | None = None
 
     def write_report(self, data: SuiteData, out: Path, *, machine: Mapping[str, str], command: str, run_wall_s: float) -> dict[str, Any]:
         """Write ``<out>/<name>.md`` and ``<out>/<name>.json`` (plots are written by ``analyse``)."""
@@ -238,7 +245,7 @@ class Suite:
         run_seconds = sum(r.wall_s for r in runs)
         sample = data.points[0].jobs[0].config
         t, e = sample["trainer"], sample["env"]
-        size = (
+        size = self.describe(sample, data.options) if self.describe is not None else (
             f"{t['iterations']} iterations of {e['num_prompts']} prompts x {e['group_size']} samples, {e['num_steps']} steps "
             f"({e['stochastic_steps']} stochastic), {t['inner_epochs']} inner epoch x {t['num_minibatches']} mini-batches "
             f"unless the table says otherwise, lr {t['lr']}, reward {'+'.join(sample['reward']['weights'])}; evaluation every "
@@ -278,7 +285,7 @@ class Suite:
 
 
 def _json_default(value: Any) -> Any:
-    if isinstance(value, Stat):
+    if hasattr(value, "to_json"):  # Stat, and the intervals / paired tests of algos.bench.stats
         return value.to_json()
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
@@ -881,10 +888,14 @@ SUITES: dict[str, Suite] = {
 ALL: tuple[str, ...] = ("frontier", "reuse", "multiobjective", "forgetting", "ratio_noise")
 
 
+#: names that run several suites (``algos.bench.paper`` adds ``paper``)
+GROUPS: dict[str, tuple[str, ...]] = {"all": ALL}
+
+
 def expand(name: str) -> list[str]:
-    """Suite names for ``name`` (``all`` expands to ``ALL``); ``ValueError`` for an unknown name."""
-    if name == "all":
-        return list(ALL)
+    """Suite names for ``name`` (a group such as ``all`` expands); ``ValueError`` for an unknown name."""
+    if name in GROUPS:
+        return list(GROUPS[name])
     if name not in SUITES:
-        raise ValueError(f"unknown suite {name!r}; accepted: {sorted([*SUITES, 'all', 'quick'])}")
+        raise ValueError(f"unknown suite {name!r}; accepted: {sorted([*SUITES, *GROUPS, 'quick'])}")
     return [name]
