@@ -118,6 +118,10 @@ def test_paper_group_and_options():
     assert swept == set(paper.REDUCED_SWEEP)
     config = reduced[0].jobs[0].config
     assert config["env"]["name"] == "compose" and config["trainer"]["lr"] == 3e-3
+    # the scheduler's cost estimate reads the env sizes the family fills in (the recipe leaves them unset)
+    assert config["env"]["group_size"] is None
+    costs = {p.setting.get("epochs", 1): p.jobs[0].cost() for p in paper.build_reuse(BenchOptions(seeds=1))}
+    assert 0 < costs[1] < costs[2] < costs[4] < costs[8]
 
 
 # --------------------------------------------------------------------------- the suites, quick

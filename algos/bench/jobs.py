@@ -60,7 +60,13 @@ class Job:
 
     def cost(self) -> float:
         """A rough relative cost (for scheduling the longest jobs first)."""
-        t, e = self.config["trainer"], self.config["env"]
+        from algos.config import env_arguments, load_config
+        from flowgym.registration import env_arguments_with_defaults
+
+        cfg = load_config(self.config)
+        t = self.config["trainer"]
+        # the env's sizes as the run will see them: a config may leave them to the family's defaults
+        e = env_arguments_with_defaults(cfg.env.name, env_arguments(cfg.env))
         per_iteration = (1.0 + 0.6 * (t["inner_epochs"] - 1)) * e["num_prompts"] * e["group_size"]
         iterations = t["iterations"] if self.kind == "train" else self.params.get("warmup", 1) + 1
         return per_iteration * iterations * e["num_steps"]

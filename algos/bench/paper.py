@@ -54,10 +54,10 @@ from algos.bench.suites import (
     Suite,
     SuiteData,
     Table,
-    _band,
-    _color,
-    _plt,
-    _save,
+    plot_band,
+    method_color,
+    pyplot,
+    save_figure,
     eval_rows,
     final,
     initial,
@@ -307,7 +307,7 @@ def analyse_table(data: SuiteData, out: Path) -> Report:
 
 
 def _frontier_plot(data: SuiteData, by_method: Mapping[str, list[Point]], out: Path) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, pts in by_method.items():
         xs, ys, xe, ye = [], [], [], []
@@ -318,25 +318,25 @@ def _frontier_plot(data: SuiteData, by_method: Mapping[str, list[Point]], out: P
             xe.append(d.half_width if math.isfinite(d.half_width) else 0), ye.append(s.half_width if math.isfinite(s.half_width) else 0)
             if p.setting["value"] is not None:
                 ax.annotate(f"{p.setting['value']:.0e}", (d.mean, s.mean), fontsize=6, textcoords="offset points", xytext=(3, 3))
-        ax.errorbar(xs, ys, xerr=xe, yerr=ye, marker="o", capsize=2, color=_color(method), label=method)
+        ax.errorbar(xs, ys, xerr=xe, yerr=ye, marker="o", capsize=2, color=method_color(method), label=method)
     ax.set_xlabel("final drift KL to pretrained")
     ax.set_ylabel("final strict score (train prompts)")
     ax.set_title("Frontier over each method's trust-region sweep (95 % intervals)")
     ax.legend(fontsize=6)
-    return _save(fig, out, "paper_frontier.png")
+    return save_figure(fig, out, "paper_frontier.png")
 
 
 def _forgetting_plot(data: SuiteData, defaults: Mapping[str, Point], out: Path) -> str:
-    plt = _plt()
+    plt = pyplot()
     keys = ((SCORE, "train strict"), (HELDOUT, "held-out strict"), (FD, "held-out FD"), (COLOUR_ENTROPY, "colour entropy"))
     fig, axes = plt.subplots(1, len(keys), figsize=(13, 3.2))
     for ax, (key, label) in zip(axes, keys):
         for p in defaults.values():
-            _band(ax, data.runs(p), key, p.method, _color(p.method))
+            plot_band(ax, data.runs(p), key, p.method, method_color(p.method))
         ax.set_title(label)
         ax.set_xlabel("iteration")
     axes[0].legend(fontsize=6)
-    return _save(fig, out, "paper_forgetting.png")
+    return save_figure(fig, out, "paper_forgetting.png")
 
 
 # --------------------------------------------------------------------------- reuse
@@ -374,7 +374,7 @@ def analyse_reuse(data: SuiteData, out: Path) -> Report:
             "when": ", ".join(f"{int(c)}" for c in collapses if math.isfinite(c)) or "never",
             "kl_step": _interval(data, p, lambda r: train_mean(r, "kl_old_new_mean")),
         })
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for method in dict.fromkeys(p.method for p in data.points):
         pts = sorted((p for p in data.points if p.method == method), key=lambda p: p.setting["epochs"])
@@ -382,13 +382,13 @@ def analyse_reuse(data: SuiteData, out: Path) -> Report:
             stats = [_interval(data, p, lambda r, k=key: final(r, k)) for p in pts]
             ax.errorbar([p.setting["epochs"] for p in pts], [s.mean for s in stats],
                         yerr=[s.half_width if math.isfinite(s.half_width) else 0 for s in stats],
-                        marker="o", capsize=2, color=_color(method), label=method)
+                        marker="o", capsize=2, color=method_color(method), label=method)
     for ax, title in zip(axes, ("final train strict score", "final drift KL")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("inner epochs")
         ax.set_title(title)
     axes[0].legend(fontsize=6)
-    return Report([table], [_save(fig, out, "paper_reuse.png")],
+    return Report([table], [save_figure(fig, out, "paper_reuse.png")],
                   [f"collapse: strict training score more than {COLLAPSE_MARGIN} below the run's pretrained score, or a "
                    "non-finite metric; 'collapse iteration' lists the first such evaluation of each collapsed seed."])
 
@@ -431,14 +431,14 @@ def analyse_multiobjective(data: SuiteData, out: Path) -> Report:
             "strict": _interval(data, p, lambda r: final(r, SCORE) - initial(r, SCORE)),
             "balanced": f"{both}/{len(partial)} seeds", "drift": _interval(data, p, lambda r: final(r, DRIFT)),
         })
-    plt = _plt()
+    plt = pyplot()
     terms = list(dict.fromkeys(p.setting["term"] for p in data.points))
     fig, axes = plt.subplots(1, len(terms), figsize=(5 * len(terms), 3.6), squeeze=False)
     for ax, term in zip(axes[0], terms):
         for p in (p for p in data.points if p.setting["term"] == term):
             xs = per_seed(data, p, lambda r: final(r, "eval/train/compose_partial"))
             ys = per_seed(data, p, lambda r, t=term: final(r, f"eval/train/{t}"))
-            ax.scatter(xs, ys, color=_color(p.method), marker="o" if p.setting["weight"] == 1.0 else "^", s=14,
+            ax.scatter(xs, ys, color=method_color(p.method), marker="o" if p.setting["weight"] == 1.0 else "^", s=14,
                        label=f"{p.method}, {p.setting['reward']}")
         starts = [(initial(r.rows, "eval/train/compose_partial"), initial(r.rows, f"eval/train/{term}")) for p in data.points
                   if p.setting["term"] == term for r in data.runs(p)]
@@ -448,7 +448,7 @@ def analyse_multiobjective(data: SuiteData, out: Path) -> Report:
         ax.set_ylabel(f"final {term} (train)")
         ax.set_title(f"Pareto view: compose against {term} (one point per seed)")
         ax.legend(fontsize=6)
-    return Report([table], [_save(fig, out, "paper_multiobjective.png")],
+    return Report([table], [save_figure(fig, out, "paper_multiobjective.png")],
                   ["weights: compose_partial 1 and the second term 1 or 4 (weighted-sum group advantages); 'both terms gain': "
                    "seeds where neither objective was sacrificed (both gains positive)."])
 
@@ -485,14 +485,14 @@ def analyse_ratio_noise(data: SuiteData, out: Path) -> Report:
         table.rows.append({"warmup": p.setting["warmup"], "ratio_outside": mean_interval([r["ratio_outside"] for r in rows]),
                            "kl_outside": mean_interval([r["kl_outside"] for r in rows]), "disagree": disagree,
                            "spearman": mean_interval(spearmen)})
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.errorbar([w for w, _ in curve], [d.mean for _, d in curve],
                 yerr=[d.half_width if math.isfinite(d.half_width) else 0 for _, d in curve], marker="o", capsize=2)
     ax.set_xlabel("training iterations before the probe")
     ax.set_ylabel("share of clip decisions the exact KL disagrees with")
     ax.set_title("Ratio noise on compose")
-    return Report([table], [_save(fig, out, "paper_ratio_noise.png")],
+    return Report([table], [save_figure(fig, out, "paper_ratio_noise.png")],
                   ["The probe (algos.bench.ratio_noise) trains the given number of iterations of Flow-DPPO, collects one more "
                    "rollout, takes one optimiser step on its first mini-batch and compares, on the pairs not trained on, "
                    "Flow-GRPO's clip decision with the divergence decision."])

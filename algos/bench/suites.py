@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -32,7 +33,7 @@ import numpy as np
 from algos.bench import ratio_noise as rn
 from algos.bench.jobs import BenchOptions, Job, RunResult, compose_config
 
-__all__ = ["SUITES", "ALL", "Point", "Suite", "SuiteData", "Stat", "Table", "expand", "stat"]
+__all__ = ["SUITES", "ALL", "Point", "Suite", "SuiteData", "Stat", "Table", "expand", "method_color", "plot_band", "pyplot", "save_figure", "stat"]
 
 #: the training size of every suite: 40 iterations of 8 prompts x 8 samples, 10 steps, 2 mini-batches,
 #: evaluation (16 ODE samples per train / held-out prompt) every 5 iterations
@@ -351,7 +352,8 @@ def over_seeds(runs: Sequence[RunResult], fn: Callable[[Sequence[Mapping[str, An
 
 
 # --------------------------------------------------------------------------- plotting
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend with the reports' small fonts."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -361,18 +363,21 @@ def _plt():
     return plt
 
 
-def _save(fig, out: Path, name: str) -> str:
+def save_figure(fig, out: Path, name: str) -> str:
+    """Write ``fig`` to ``out / name`` (80 dpi), close it, return ``name`` (for the report's link)."""
     fig.tight_layout()
     fig.savefig(out / name, dpi=80)
-    _plt().close(fig)
+    pyplot().close(fig)
     return name
 
 
-def _color(method: str) -> str:
-    return COLORS.get(method, None) or f"C{abs(hash(method)) % 10}"
+def method_color(method: str) -> str:
+    """The plot colour of a method: its fixed one, else one of matplotlib's ten picked by a stable hash."""
+    return COLORS.get(method, None) or f"C{zlib.crc32(method.encode()) % 10}"
 
 
-def _band(ax, runs: Sequence[RunResult], key: str, label: str, color: str | None, linestyle: str = "-") -> None:
+def plot_band(ax, runs: Sequence[RunResult], key: str, label: str, color: str | None, linestyle: str = "-") -> None:
+    """The seed-mean curve of ``key`` over iterations, with a band of one standard deviation."""
     x, mean, std = curve(runs, key)
     if len(x) == 0:
         return
@@ -435,7 +440,7 @@ def analyse_frontier(data: SuiteData, out: Path) -> Report:
     matched.note = (f"D* = {_fmt(target)}, the smallest final drift of any run above; each run's evaluation curve "
                     "(reward against drift) is interpolated where it first reaches D*.")
 
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     ax = axes[0]
     start = stat([initial(r.rows, "eval/train/reward") for p in data.points for r in data.runs(p)])
@@ -451,7 +456,7 @@ def analyse_frontier(data: SuiteData, out: Path) -> Report:
             value = p.setting["value"]
             ax.annotate(f"{value:.0e}" if math.isfinite(value) else "inf", (d.mean, w.mean), fontsize=6,
                         textcoords="offset points", xytext=(3, 3))
-        ax.errorbar(xs, ys, xerr=xe, yerr=ye, marker="o", color=_color(method), label=method, capsize=2)
+        ax.errorbar(xs, ys, xerr=xe, yerr=ye, marker="o", color=method_color(method), label=method, capsize=2)
     ax.set_xlabel("final drift KL to pretrained (mean over dims and steps)")
     ax.set_ylabel("final eval reward (train prompts)")
     ax.set_title("Frontier: sweep of clip range / delta")
@@ -461,14 +466,14 @@ def analyse_frontier(data: SuiteData, out: Path) -> Report:
         runs = data.runs(p)
         _, d, _ = curve(runs, "eval/train/drift_kl")
         _, w, _ = curve(runs, "eval/train/reward")
-        ax.plot(d, w, marker=".", color=_color(p.method), label=f"{p.method} ({p.setting['param']} {p.setting['value']:g})")
+        ax.plot(d, w, marker=".", color=method_color(p.method), label=f"{p.method} ({p.setting['param']} {p.setting['value']:g})")
     if math.isfinite(target):
         ax.axvline(target, color="k", lw=0.6, ls=":")
     ax.set_xlabel("drift KL to pretrained")
     ax.set_ylabel("eval reward")
     ax.set_title("Along training (default settings)")
     ax.legend()
-    plots = [_save(fig, out, "frontier.png")]
+    plots = [save_figure(fig, out, "frontier.png")]
     notes = [
         "drift KL: exact KL between the Flow-SDE(0.7) step Gaussians of the current and the pretrained model along "
         "the evaluation ODE trajectories, mean over dimensions and steps; identical for every method.",
@@ -523,7 +528,7 @@ def analyse_reuse(data: SuiteData, out: Path) -> Report:
             "kl_step": over_seeds(runs, lambda r: train_mean(r, "kl_old_new_mean")),
             "blocked": over_seeds(runs, lambda r, k=blocked_key: (train_mean(r, k[0]) + train_mean(r, k[1])) / (2 if p.algo == "flow_dppo" else 1)),
         })
-    plt = _plt()
+    plt = pyplot()
     epochs, sizes = _reuse_grid(data.options)
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for method in dict.fromkeys(p.method for p in data.points):
@@ -533,10 +538,10 @@ def analyse_reuse(data: SuiteData, out: Path) -> Report:
                 metric = "eval/train/reward" if key == "reward" else "eval/train/drift_kl"
                 stats = [stat([fn(r.rows, metric) for r in data.runs(p)]) for p in pts]
                 ax.errorbar([p.setting["epochs"] for p in pts], [s.mean for s in stats], yerr=[s.std for s in stats],
-                            marker="o", capsize=2, color=_color(method), ls="-" if label == "full" else "--", label=f"{method}, {label} rollout")
+                            marker="o", capsize=2, color=method_color(method), ls="-" if label == "full" else "--", label=f"{method}, {label} rollout")
             longest = [p for p in pts if p.setting["epochs"] == 4] or [p for p in pts if p.setting["epochs"] == max(epochs)]
             if longest:
-                _band(axes[2], data.runs(longest[0]), "eval/train/reward", f"{method}, {label}", _color(method), "-" if label == "full" else "--")
+                plot_band(axes[2], data.runs(longest[0]), "eval/train/reward", f"{method}, {label}", method_color(method), "-" if label == "full" else "--")
     axes[0].set_title("final eval reward")
     axes[1].set_title("final drift KL")
     axes[0].set_xscale("log", base=2)
@@ -547,7 +552,7 @@ def analyse_reuse(data: SuiteData, out: Path) -> Report:
         ax.set_xticks(epochs, [str(e) for e in epochs])
     axes[2].set_xlabel("iteration")
     axes[0].legend()
-    plots = [_save(fig, out, "reuse.png")]
+    plots = [save_figure(fig, out, "reuse.png")]
     notes = ["'half' rollouts halve the prompts per rollout (the group size stays 8), so each iteration sees half the samples.",
              "'clip / mask active': Flow-GRPO's clip_frac_high + clip_frac_low, Flow-DPPO's mean of mask_frac_pos and mask_frac_neg."]
     return Report([table], plots, notes)
@@ -586,7 +591,7 @@ def analyse_multiobjective(data: SuiteData, out: Path) -> Report:
         row["drift"] = over_seeds(runs, lambda r: final(r, "eval/train/drift_kl"))
         row["fd"] = over_seeds(runs, lambda r: final(r, "eval/heldout/digit_fd"))
         table.rows.append(row)
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     ax = axes[0]
     width = 0.8 / max(len(data.points), 1)
@@ -594,7 +599,7 @@ def analyse_multiobjective(data: SuiteData, out: Path) -> Report:
         runs = data.runs(p)
         stats = [stat([gain(r.rows, f"eval/train/{t}") for r in runs]) for t in terms]
         xs = np.arange(len(terms)) + (i - (len(data.points) - 1) / 2) * width
-        ax.bar(xs, [s.mean for s in stats], width, yerr=[s.std for s in stats], capsize=2, color=_color(p.method),
+        ax.bar(xs, [s.mean for s in stats], width, yerr=[s.std for s in stats], capsize=2, color=method_color(p.method),
                alpha=1.0 if p.setting["advantage"] == "GDPO" else 0.5, label=f"{p.method}, {p.setting['advantage']}")
     ax.set_xticks(np.arange(len(terms)), terms)
     ax.axhline(0, color="k", lw=0.5)
@@ -607,7 +612,7 @@ def analyse_multiobjective(data: SuiteData, out: Path) -> Report:
             runs = data.runs(p)
             _, a, _ = curve(runs, f"eval/train/{terms[0]}")
             _, b, _ = curve(runs, f"eval/train/{terms[1]}")
-            ax.plot(a, b, marker=".", color=_color(p.method), ls="-" if p.setting["advantage"] == "GDPO" else "--",
+            ax.plot(a, b, marker=".", color=method_color(p.method), ls="-" if p.setting["advantage"] == "GDPO" else "--",
                     label=f"{p.method}, {p.setting['advantage']}")
             if len(a):
                 ax.scatter(a[:1], b[:1], color="k", s=12, zorder=3)
@@ -615,7 +620,7 @@ def analyse_multiobjective(data: SuiteData, out: Path) -> Report:
         ax.set_ylabel(terms[1])
         ax.set_title("Objectives along training (black: pretrained)")
         ax.legend()
-    plots = [_save(fig, out, "multiobjective.png")]
+    plots = [save_figure(fig, out, "multiobjective.png")]
     notes = ["weighted sum: group-relative advantage of w1 r1 + w2 r2 (weights 1, 1); GDPO: each reward normalised within its "
              "group, summed, the sum normalised over the batch.",
              "'min / max gain': the smaller per-objective gain over the larger one (1 = balanced; negative = one objective got worse)."]
@@ -673,15 +678,15 @@ def analyse_forgetting(data: SuiteData, out: Path) -> Report:
         for key, _ in FORGETTING_METRICS[:4]:
             row[key] = over_seeds(runs, lambda r, k=key: value_at_drift(r, target, key=k))
         matched.rows.append(row)
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(13, 3.2))
     for ax, (key, label) in zip(axes, FORGETTING_METRICS[:4]):
         for p in data.points:
-            _band(ax, data.runs(p), key, p.method, _color(p.method))
+            plot_band(ax, data.runs(p), key, p.method, method_color(p.method))
         ax.set_title(label)
         ax.set_xlabel("iteration")
     axes[0].legend()
-    plots = [_save(fig, out, "forgetting.png")]
+    plots = [save_figure(fig, out, "forgetting.png")]
     notes = ["digit_accuracy: the shipped classifier's accuracy on samples of held-out digits 5-9 (never trained on); "
              "digit_fd: Frechet distance of classifier features to real digits (lower is better; biased upward at 16 "
              "samples per prompt, so compare across methods, not with other sample sizes).",
@@ -767,7 +772,7 @@ def analyse_ratio_noise(data: SuiteData, out: Path) -> Report:
     error = max(r.result["decomposition_max_abs_error"] for r in runs)
     headline["decomposition_max_abs_error"] = error
 
-    plt = _plt()
+    plt = pyplot()
     first = per_run[0][0]
     pooled = {k: sum((list(views[0][2][k]) for views in per_run), []) for k in ("step", "log_ratio", "kl")}
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
@@ -803,7 +808,7 @@ def analyse_ratio_noise(data: SuiteData, out: Path) -> Report:
     ax.set_xlabel("denoising step")
     ax.set_title("Per step: log-ratio spread vs the divergence")
     ax.legend(fontsize=5)
-    plots = [_save(fig, out, "ratio_noise.png")]
+    plots = [save_figure(fig, out, "ratio_noise.png")]
     notes = [
         f"A policy after {runs[0].result['warmup']} training iteration(s) collects a rollout whose trained pairs are split into the "
         "trainer's 2 mini-batches; optimiser steps (Flow-DPPO's loss, as in training) move it, and every pair is then compared "
@@ -848,16 +853,16 @@ def analyse_compare(data: SuiteData, out: Path) -> Report:
         for t in terms:
             row[t] = over_seeds(runs, lambda r, t=t: final(r, f"eval/train/{t}"))
         table.rows.append(row)
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     for ax, (key, label) in zip(axes, (("eval/train/reward", "eval reward"), ("eval/train/drift_kl", "drift KL"), ("eval/heldout/digit_fd", "held-out FD"))):
         for p in data.points:
-            _band(ax, data.runs(p), key, p.method, _color(p.method))
+            plot_band(ax, data.runs(p), key, p.method, method_color(p.method))
         ax.set_title(label)
         ax.set_xlabel("iteration")
     axes[0].legend()
     name = "compare_" + "_".join(p.algo for p in data.points) + ".png"
-    return Report([table], [_save(fig, out, name)])
+    return Report([table], [save_figure(fig, out, name)])
 
 
 # --------------------------------------------------------------------------- registry
