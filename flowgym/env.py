@@ -125,7 +125,9 @@ class FlowDenoiseEnv(EnvBase):
         num_prompts: prompts per batch (P); the batch size is ``P * group_size``.
         group_size: samples per prompt (G), the group of group-relative advantages.
         num_steps: denoising steps K per episode.
-        shift: the schedule's static shift, or ``"dynamic"`` (see ``flowgym.schedules``).
+        shift: the schedule's static shift, ``"dynamic"`` (FLUX's default mu, see ``flowgym.schedules``),
+            ``"model"`` (the backend's own scheduler: ``backend.sigma_schedule``, e.g. a diffusers
+            model's dynamic shift at its resolution) or None (``backend.default_shift()``).
         prompts: a list, a ``.txt`` file, or a prompt-set name of the backend (``"train"``).
         rewards: ``{reward_name: weight}`` or a ``RewardComposer`` (default: the backend's
             ``default_rewards()``).
@@ -146,7 +148,7 @@ class FlowDenoiseEnv(EnvBase):
         num_prompts: int = 4,
         group_size: int = 8,
         num_steps: int = 10,
-        shift: float | str = 3.0,
+        shift: float | str | None = 3.0,
         prompts: str | Sequence[str] = "train",
         rewards: Mapping[str, float] | RewardComposer | None = None,
         reward_kwargs: Mapping[str, Mapping] | None = None,
@@ -166,11 +168,16 @@ class FlowDenoiseEnv(EnvBase):
         self.num_prompts = num_prompts
         self.group_size = group_size
         self.num_steps = num_steps
+        if shift is None:
+            shift = backend.default_shift()
         self.shift = shift
-        image_seq_len = None
-        if shift == "dynamic":
-            image_seq_len = (backend.latent_shape[-1] // 2) * (backend.latent_shape[-2] // 2)
-        self.sigmas = make_sigmas(num_steps, shift, image_seq_len).to(device)
+        if shift == "model":
+            self.sigmas = backend.sigma_schedule(num_steps).to(torch.float32).to(device)
+        else:
+            image_seq_len = None
+            if shift == "dynamic":
+                image_seq_len = (backend.latent_shape[-1] // 2) * (backend.latent_shape[-2] // 2)
+            self.sigmas = make_sigmas(num_steps, shift, image_seq_len).to(device)
         self.prompt_list = resolve_prompts(backend, prompts)
         if rewards is None:
             rewards = backend.default_rewards()

@@ -10,7 +10,9 @@ chain of library tracebacks) and ``device`` / ``dtype`` arguments mean the same 
   ``None`` is bfloat16 on CUDA and float32 elsewhere (``half_on_cuda=False``: float32 always);
   half precision on CPU is rejected unless ``allow_half_on_cpu``.
 * ``resolve_pretrained(model, what=..., required=...)``: a local folder for a hub id (cached or
-  downloaded) or a local path; ``load_pretrained(loader, model, what=...)``: ``loader.from_pretrained``
+  downloaded), a local path, or ``<source>:<name>`` from a registered model source
+  (``register_model_source``; ``flowgym.testing.tiny_pipelines`` registers ``tiny:<family>``, random
+  tiny pipelines built offline into a cache folder); ``load_pretrained(loader, model, what=...)``: ``loader.from_pretrained``
   with the same errors, never with ``trust_remote_code``; ``fetch_file(model, filename, what=...)``.
 
 Offline mode follows ``local_files_only`` when given, else ``HF_HUB_OFFLINE`` (``hub_offline``).
@@ -20,12 +22,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 __all__ = [
+    "MODEL_SOURCES",
     "ModelNotAvailableError",
     "check_local_path",
     "download_hint",
@@ -36,6 +39,7 @@ __all__ = [
     "module_device",
     "module_dtype",
     "parse_dtype",
+    "register_model_source",
     "resolve_device",
     "resolve_dtype",
     "resolve_pretrained",
@@ -60,6 +64,46 @@ _MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 class ModelNotAvailableError(FileNotFoundError):
     """A pretrained model could not be found locally nor downloaded; the message says how to fix it."""
+
+
+#: ``{source: builder}``: ``resolve_pretrained("<source>:<name>")`` returns ``builder(name)``, a local folder.
+#: Sources register themselves from higher layers (``flowgym.testing.tiny_pipelines`` adds ``tiny``).
+MODEL_SOURCES: dict[str, Callable[[str], Path]] = {}
+#: where a source lives, for the error when it is named but not imported yet
+_SOURCE_MODULES = {"tiny": "flowgym.testing.tiny_pipelines"}
+
+
+def register_model_source(source: str, builder: Callable[[str], Path]) -> None:
+    """Make ``"<source>:<name>"`` resolve to the folder ``builder(name)`` (idempotent for the same builder)."""
+    if not source.isidentifier():
+        raise ValueError(f"a model source name must be an identifier; got {source!r}")
+    MODEL_SOURCES[source] = builder
+
+
+def _source_spec(spec: str) -> tuple[str, str] | None:
+    """``(source, name)`` for ``"<source>:<name>"`` (hub ids never hold a colon), else None."""
+    source, colon, name = spec.partition(":")
+    if colon and source.isidentifier() and len(source) > 1 and not looks_like_path(spec):
+        return source, name
+    return None
+
+
+def _resolve_source(spec: str, what: str) -> Path:
+    source, name = _source_spec(spec)  # type: ignore[misc]
+    if source not in MODEL_SOURCES:
+        module = _SOURCE_MODULES.get(source)
+        hint = (
+            f"import {module} first (in a config: env.module: {module})" if module
+            else f"register it with flowgym.hub.register_model_source({source!r}, builder)"
+        )
+        raise ModelNotAvailableError(
+            f"{what}: {spec!r} names the model source {source!r}, which is not registered; {hint}. "
+            f"Registered sources: {sorted(MODEL_SOURCES) or 'none'}"
+        )
+    try:
+        return Path(MODEL_SOURCES[source](name))
+    except (KeyError, ValueError) as error:
+        raise ModelNotAvailableError(f"{what}: {spec!r}: {short_error(error)}") from None
 
 
 # ---------------------------------------------------------------------------------- devices and dtypes
@@ -208,6 +252,8 @@ def resolve_pretrained(
     path = Path(spec).expanduser()
     if path.is_dir():
         folder = path
+    elif not isinstance(model, os.PathLike) and _source_spec(spec) is not None:
+        folder = _resolve_source(spec, what)
     elif path.exists():
         raise ModelNotAvailableError(f"{what}: {spec!r} is a file; expected a folder (or a hub id)")
     elif isinstance(model, os.PathLike) or looks_like_path(spec):

@@ -90,7 +90,7 @@ def env_arguments_with_defaults(name: str, kwargs: Mapping[str, Any]) -> dict[st
 
 def _with_default_shift(env_kwargs: dict[str, Any], backend: FlowBackend) -> dict[str, Any]:
     if env_kwargs.get("shift") is None:
-        env_kwargs["shift"] = float(backend.scheduler_shift)
+        env_kwargs["shift"] = backend.default_shift()
     return env_kwargs
 
 

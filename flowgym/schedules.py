@@ -70,7 +70,9 @@ def make_sigmas(num_steps: int, shift: float | str = 3.0, image_seq_len: int | N
             raise ValueError("shift='dynamic' needs image_seq_len (the number of latent tokens)")
         return dynamic_shift_sigmas(num_steps, image_seq_len)
     if isinstance(shift, str):
-        raise ValueError(f"shift must be a positive number or 'dynamic'; got {shift!r}")
+        raise ValueError(
+            f"shift must be a positive number, 'dynamic' or 'model' (the model's own scheduler, in an env); got {shift!r}"
+        )
     if not math.isfinite(shift):
         raise ValueError(f"shift must be finite; got {shift}")
     return static_shift_sigmas(num_steps, shift)

@@ -24,7 +24,10 @@ and set ``name`` and ``latent_shape``. A family may also override:
 * ``default_rewards()``: ``{reward name: weight}`` used when a config names none;
 * ``prior_capability_metrics(images, prompts)``: metrics of what the pretrained model could do
   (forgetting is measured with them at every evaluation);
-* ``reference()``: a cheaper way to evaluate the pretrained model (LoRA adapters disabled).
+* ``reference()``: a cheaper way to evaluate the pretrained model (LoRA adapters disabled);
+* ``sigma_schedule(num_steps)`` / ``default_shift()``: the schedule of the model's own scheduler (a
+  static ``scheduler_shift`` by default; the diffusers families read their scheduler config, dynamic
+  shifting at their resolution included). The env uses them when ``shift`` is left to the model.
 
 ``velocity`` (classifier-free guidance in one batched forward), the prompt cache,
 ``trainable_parameters`` and the ``reference()`` context come from this base class.
@@ -43,6 +46,7 @@ from tensordict import TensorDict
 from torch import Tensor, nn
 
 from flowgym.registry import Registry
+from flowgym.schedules import static_shift_sigmas
 from flowgym.td_utils import tensordict_unchecked
 
 __all__ = ["BACKENDS", "FlowBackend", "backend_class", "register_backend"]
@@ -115,6 +119,15 @@ class FlowBackend(nn.Module):
     def prior_capability_metrics(self, images: Tensor, prompts: Sequence[str]) -> dict[str, float]:
         """Prior-capability metrics of decoded ``images`` for ``prompts`` (none by default)."""
         return {}
+
+    def sigma_schedule(self, num_steps: int) -> Tensor:
+        """The K + 1 sigmas of the model's own sampler (``shift="model"``): a static ``scheduler_shift`` here."""
+        return static_shift_sigmas(num_steps, float(self.scheduler_shift))
+
+    def default_shift(self) -> float | str:
+        """What ``shift=None`` means for this family: a number (a static shift) or ``"model"``
+        (``sigma_schedule``, e.g. a resolution-dependent dynamic shift)."""
+        return float(self.scheduler_shift)
 
     # ------------------------------------------------------------------ shared behaviour
     @property

@@ -35,7 +35,7 @@ TINY_SD3_CONFIG = {
 _SPECIAL_CLIP = ("<|startoftext|>", "<|endoftext|>")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / CLIP byte-level mapping: every byte to a printable unicode character."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
@@ -57,7 +57,7 @@ def tiny_clip_tokenizer(model_max_length: int = 77):
     """
     from transformers import CLIPTokenizer
 
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for token in (*_SPECIAL_CLIP, *chars, *(c + "</w>" for c in chars)):
         vocab.setdefault(token, len(vocab))
