@@ -180,6 +180,7 @@ class Trainer:
         Each episode holds whole groups, so group-relative advantages see complete groups; several
         episodes per iteration give a large rollout (48 prompts x 24 samples) at a batch that fits.
         """
+        self.env.iteration = self.iteration  # the clock of a sliding stochastic window (MixGRPO)
         episodes = [self._collect_episode() for _ in range(self.cfg.trainer.rollout_batches)]
         if len(episodes) == 1:
             return episodes[0]

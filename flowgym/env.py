@@ -23,6 +23,10 @@ Which steps are stochastic (the only ones an algorithm trains on) is set by ``st
 * ``"all_but_last"`` (Flow-GRPO), ``"all"``, ``"none"`` (ODE sampling, for evaluation);
 * ``{"window": W, "range": [lo, hi]}``: a random window of W consecutive steps inside steps
   ``lo .. hi - 1``, drawn per episode for the whole batch (Flow-GRPO-Fast, the Flow-DPPO recipe);
+* ``{"window": W, "range": [lo, hi], "slide_every": N, "stride": s}``: MixGRPO's sliding window,
+  deterministic: it starts at ``lo`` and moves by ``s`` steps every ``N`` training iterations
+  (``env.iteration``, which the trainer sets), then stays at the last position ``hi - W``
+  (MixGRPO: W = 4, N = 25, s = 1, ODE outside the window);
 * an explicit list of step indices.
 """
 
@@ -44,7 +48,7 @@ from flowgym.rewards import RewardComposer
 from flowgym.schedules import make_sigmas
 from flowgym.td_utils import as_string_list, set_prebuilt, stack_non_tensors
 
-__all__ = ["EpisodeState", "FlowDenoiseEnv", "resolve_prompts", "stochastic_step_mask"]
+__all__ = ["EpisodeState", "FlowDenoiseEnv", "resolve_prompts", "sliding_window_start", "stochastic_step_mask"]
 
 StochasticSpec = str | Sequence[int] | Mapping[str, object]
 
@@ -57,10 +61,31 @@ def resolve_prompts(backend: FlowBackend, prompts: str | Sequence[str]) -> list[
     return load_prompts(prompts)
 
 
-def stochastic_step_mask(spec: StochasticSpec, num_steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Boolean mask of length ``num_steps``: which steps are stochastic (trained) this episode."""
+def sliding_window_start(lo: int, hi: int, window: int, iteration: int, slide_every: int, stride: int) -> int:
+    """MixGRPO's window position at a training iteration: ``lo + (iteration // slide_every) * stride``,
+    held at the last position ``hi - window`` once it gets there."""
+    return lo + min((iteration // slide_every) * stride, hi - lo - window)
+
+
+def _positive_int(spec: Mapping[str, object], key: str, default: int, accepted: str) -> int:
+    value = spec.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"stochastic_steps {key!r} must be an integer >= 1; got {value!r}. Accepted: {accepted}")
+    return value
+
+
+def stochastic_step_mask(
+    spec: StochasticSpec, num_steps: int, generator: torch.Generator | None = None, iteration: int = 0
+) -> torch.Tensor:
+    """Boolean mask of length ``num_steps``: which steps are stochastic (trained) this episode.
+
+    ``iteration`` (the training iteration) places a sliding window; the other forms ignore it.
+    """
     mask = torch.zeros(num_steps, dtype=torch.bool)
-    accepted = "'all_but_last', 'all', 'none', a list of step indices, or {'window': W, 'range': [lo, hi]}"
+    accepted = (
+        "'all_but_last', 'all', 'none', a list of step indices, {'window': W, 'range': [lo, hi]} (random "
+        "window) or {'window': W, 'range': [lo, hi], 'slide_every': N, 'stride': s} (sliding window)"
+    )
     if isinstance(spec, str):
         if spec == "all_but_last":
             mask[: max(num_steps - 1, 0)] = True
@@ -72,6 +97,9 @@ def stochastic_step_mask(spec: StochasticSpec, num_steps: int, generator: torch.
     if isinstance(spec, Mapping):
         if "window" not in spec:
             raise ValueError(f"stochastic_steps mapping needs 'window'; accepted: {accepted}")
+        unknown = sorted(set(spec) - {"window", "range", "slide_every", "stride"})
+        if unknown:
+            raise ValueError(f"unknown stochastic_steps keys {unknown}; accepted: {accepted}")
         window = int(spec["window"])
         lo, hi = (int(v) for v in spec.get("range", (0, num_steps)))
         if not (0 <= lo < hi <= num_steps) or not (1 <= window <= hi - lo):
@@ -79,7 +107,12 @@ def stochastic_step_mask(spec: StochasticSpec, num_steps: int, generator: torch.
                 f"stochastic window {window} in range [{lo}, {hi}) does not fit {num_steps} steps; "
                 "need 0 <= lo < hi <= num_steps and 1 <= window <= hi - lo"
             )
-        start = lo + int(torch.randint(0, hi - lo - window + 1, (), generator=generator))
+        if "slide_every" in spec or "stride" in spec:
+            slide_every = _positive_int(spec, "slide_every", 25, accepted)
+            stride = _positive_int(spec, "stride", 1, accepted)
+            start = sliding_window_start(lo, hi, window, int(iteration), slide_every, stride)
+        else:
+            start = lo + int(torch.randint(0, hi - lo - window + 1, (), generator=generator))
         mask[start : start + window] = True
         return mask
     indices = [int(i) for i in spec]
@@ -185,6 +218,8 @@ class FlowDenoiseEnv(EnvBase):
         self.rewards.to(device)
         self.stochastic_spec = stochastic_steps
         stochastic_step_mask(stochastic_steps, num_steps)  # validate now, not at the first reset
+        #: the training iteration, the clock of a sliding stochastic window (the trainer sets it)
+        self.iteration = 0
         self.share_initial_noise = bool(share_initial_noise)
         self.policy_defaults = dict(policy_defaults or {})
         self._generator = torch.Generator()
@@ -337,7 +372,7 @@ class FlowDenoiseEnv(EnvBase):
             noise = torch.randn((self.num_prompts, *shape), generator=self._generator).repeat_interleave(G, dim=0)
         else:
             noise = torch.randn((B, *shape), generator=self._generator)
-        mask = stochastic_step_mask(self.stochastic_spec, self.num_steps, self._generator)
+        mask = stochastic_step_mask(self.stochastic_spec, self.num_steps, self._generator, self.iteration)
         self._episode = EpisodeState(
             latent=noise.to(dev),
             step=0,

@@ -133,6 +133,35 @@ def test_stochastic_step_specs():
             stochastic_step_mask(bad, 10)
 
 
+def test_sliding_window_moves_with_the_iteration_and_stops_at_the_end():
+    # MixGRPO's schedule on a 10-step episode: W = 4 inside [0, 9), one step further every 25 iterations
+    spec = {"window": 4, "range": [0, 9], "slide_every": 25, "stride": 1}
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    starts = {}
+    for iteration in (0, 24, 25, 49, 50, 124, 125, 1000):
+        idx = stochastic_step_mask(spec, 10, gen, iteration).nonzero().flatten().tolist()
+        assert idx == list(range(idx[0], idx[0] + 4))
+        starts[iteration] = idx[0]
+    assert starts == {0: 0, 24: 0, 25: 1, 49: 1, 50: 2, 124: 4, 125: 5, 1000: 5}  # last position hi - W = 5
+    assert torch.equal(gen.get_state(), state)  # deterministic: the window draws nothing
+    assert stochastic_step_mask({**spec, "stride": 2}, 10, gen, 50).nonzero().flatten().tolist() == [4, 5, 6, 7]
+    for bad, message in (({**spec, "slide_every": 0}, "'slide_every' must be an integer >= 1"),
+                         ({**spec, "stride": 1.5}, "'stride' must be an integer >= 1"),
+                         ({**spec, "slide": 3}, r"unknown stochastic_steps keys \['slide'\]")):
+        with pytest.raises(ValueError, match=message):
+            stochastic_step_mask(bad, 10, gen)
+
+
+def test_sliding_window_env_follows_env_iteration(backend):
+    env = make_env(backend, num_steps=6, stochastic_steps={"window": 2, "range": [0, 6], "slide_every": 3})
+    policy = FlowPolicy(backend, seed=0)
+    for iteration, expected in ((0, [0, 1]), (3, [1, 2]), (7, [2, 3]), (100, [4, 5])):
+        env.iteration = iteration
+        td = rollout(env, policy)
+        assert td.get("stochastic")[0].nonzero().flatten().tolist() == expected
+
+
 def test_window_env_marks_only_window_steps(backend):
     env = make_env(backend, num_steps=10, stochastic_steps={"window": 3, "range": [0, 6]})
     td = rollout(env, FlowPolicy(backend, seed=0))

@@ -192,3 +192,23 @@ def test_unknown_or_missing_logger_backend_is_a_clear_error(tmp_path):
     if importlib.util.find_spec("wandb") is None:
         with pytest.raises(ValueError, match="pip install wandb"):
             Trainer(config("logger.backends=[wandb]"), tmp_path, progress=False)
+
+
+def test_sliding_stochastic_window_follows_the_training_iteration(tmp_path):
+    # MixGRPO's sampler: the one SDE step moves by one step per iteration (window 1, slide_every 1)
+    from sample_loss_toys import run_config
+
+    cfg = run_config("grpo", "trainer.iterations=3", "trainer.eval_every=0", "trainer.checkpoint_every=0")
+    cfg["env"]["stochastic_steps"] = {"window": 1, "range": [0, 3], "slide_every": 1}
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    seen = []
+    collect = trainer.collect
+
+    def recording_collect():
+        rollout = collect()
+        seen.append(rollout["trajectory"].get("stochastic")[0].nonzero().flatten().tolist())
+        return rollout
+
+    trainer.collect = recording_collect
+    trainer.train()
+    assert seen == [[0], [1], [2]]
