@@ -114,6 +114,11 @@ class LoggerConfig:
     backends: List[str] = field(default_factory=lambda: ["csv", "tensorboard"])  # add wandb to log there too
     wandb_project: str = "flowgym"
     wandb_name: str = "flowgym"
+    # at each evaluation: samples/iter_<n>.png (fixed prompts x fixed noise), also sent to tensorboard / wandb
+    sample_grid: bool = True
+    grid_prompts: int = 8  # the first distinct prompts of the train evaluation, one row each
+    grid_samples: int = 4  # samples per prompt (columns); at most env.eval_samples_per_prompt are drawn
+    report: bool = True  # at the end: curves (curves.png) and report.md, as python -m algos.report RUN_DIR writes
 
 
 @dataclass
@@ -219,6 +224,8 @@ def _validate(cfg: RunConfig) -> None:
     for key in ("iterations", "inner_epochs", "num_minibatches", "rollout_batches"):
         _positive(getattr(t, key), f"trainer.{key}", integer=True)
     _positive(t.lr, "trainer.lr")
+    for key in ("grid_prompts", "grid_samples"):
+        _positive(getattr(cfg.logger, key), f"logger.{key}", integer=True)
     if t.micro_batch_size is not None:
         _positive(t.micro_batch_size, "trainer.micro_batch_size", integer=True)
     if t.weight_decay < 0:

@@ -8,7 +8,8 @@
   prompts, and the held-out set when the config names one) in chunks of ``trainer.eval_batch_size``:
   the reward terms, the drift KL along the ODE trajectory and the model family's prior-capability
   metrics (``backend.prior_capability_metrics``). The evaluation's guidance scale is given to the
-  evaluator (``trainer.eval_guidance_scale``); the training policy is never changed.
+  evaluator (``trainer.eval_guidance_scale``); the training policy is never changed. The last
+  evaluation's images and prompts stay in ``Evaluator.samples`` (the trainer's sample grids).
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ class Evaluator:
         self.num_steps, self.shift, self.device, self.seed = int(num_steps), shift, device, int(seed)
         self.batch_size = batch_size
         self.autocast = autocast
+        #: ``{split: (images (N, C, H, W) in [0, 1], prompts)}`` of the last evaluation (for sample grids)
+        self.samples: dict[str, tuple[torch.Tensor, list[str]]] = {}
 
     @torch.no_grad()
     def evaluate(self, ema: ParameterEMA | None = None) -> dict[str, float]:
@@ -129,6 +132,8 @@ class Evaluator:
         for name, values in terms.items():
             out[f"eval/{split}/{name}"] = float(torch.cat(values).mean())
         out[f"eval/{split}/drift_kl"] = float(torch.stack(drift).mean()) if drift else 0.0
-        for name, value in self.backend.prior_capability_metrics(torch.cat(images), prompts).items():
+        all_images = torch.cat(images)
+        self.samples[split] = (all_images.detach().cpu(), list(prompts))
+        for name, value in self.backend.prior_capability_metrics(all_images, prompts).items():
             out[f"eval/{split}/{name}"] = float(value)
         return out

@@ -2,7 +2,7 @@
 
 ``RunLogger.log(row)`` appends the row (NaN diagnostics written as JSON null) and sends every
 number to the configured torchrl loggers (``csv``, ``tensorboard``, ``wandb``) at step
-``row["iteration"]``. ``RunLogger.read(iteration)`` returns the rows already logged up to a
+``row["iteration"]``; ``log_image`` sends the sample grids to those that take images. ``RunLogger.read(iteration)`` returns the rows already logged up to a
 resumed iteration and rewrites the file without the rows of a crashed run's later iterations.
 """
 
@@ -61,6 +61,20 @@ class RunLogger:
                 if key != "iteration" and isinstance(value, (int, float)):
                     logger.log_scalar(key, value, step=int(row["iteration"]))
         return row
+
+    def log_image(self, name: str, image, iteration: int) -> None:
+        """Send an ``(H, W, 3)`` float image in [0, 1] to the loggers that take images (tensorboard, wandb)."""
+        if not self.enabled:
+            return
+        for logger in self.loggers:
+            kind = type(logger).__name__
+            if kind == "TensorboardLogger":
+                logger.experiment.add_image(name, image, global_step=int(iteration), dataformats="HWC")
+                logger.experiment.flush()
+            elif kind == "WandbLogger":
+                import wandb
+
+                logger.experiment.log({name: wandb.Image(image), "trainer/step": int(iteration)})
 
     def read(self, iteration: int) -> list[dict[str, Any]]:
         """Rows already logged up to ``iteration`` (later rows of a crashed run are dropped from the file)."""

@@ -54,6 +54,7 @@ from algos.evaluation import Evaluator, drift_kl, final_rewards, trajectory_drif
 from algos.losses import SAMPLES, get_loss_class
 from algos.losses.sample_base import batch_kind
 from algos.run_logger import RunLogger
+from algos.sample_grid import grid_cells, save_grid, save_side_by_side, tile
 from algos.strategy import SingleDevice, Strategy
 from algos.updater import Updater
 from flowgym.env import FlowDenoiseEnv, resolve_prompts
@@ -262,8 +263,40 @@ class Trainer:
 
     # ------------------------------------------------------------------ 4. evaluation
     def evaluate(self) -> dict[str, float]:
-        """ODE sampling on each eval prompt set: reward terms, prior capability, drift KL."""
-        return self.evaluator.evaluate(self.ema)
+        """ODE sampling on each eval prompt set: reward terms, prior capability, drift KL; the sample
+        grid of the train split is written to ``samples/iter_<n>.png`` (``logger.sample_grid``)."""
+        results = self.evaluator.evaluate(self.ema)
+        self.write_sample_grid()
+        return results
+
+    def write_sample_grid(self) -> Path | None:
+        """``samples/iter_<n>.png`` of the last evaluation's train split (fixed prompts and noise), also
+        sent to the image loggers; None when disabled, not the main process, or nothing was evaluated."""
+        c = self.cfg.logger
+        if not (c.sample_grid and self.strategy.is_main and "train" in self.evaluator.samples):
+            return None
+        images, prompts = self.evaluator.samples["train"]
+        if images is None or images.dim() != 4:
+            return None
+        rows, names = grid_cells(images, prompts, c.grid_prompts, c.grid_samples)
+        path = save_grid(self.run_dir / "samples" / f"iter_{self.iteration:04d}.png", rows, names,
+                         f"{self.cfg.algo.name} on {self.cfg.env.name}, iteration {self.iteration} (ODE, fixed noise)")
+        self.logger.log_image("samples/train", tile(rows), self.iteration)
+        return path
+
+    def finish(self) -> None:
+        """After the last iteration: the first-vs-last sample grid and the run report (curves, report.md)."""
+        if not self.strategy.is_main:
+            return
+        grids = sorted((self.run_dir / "samples").glob("iter_*.png"))
+        if self.cfg.logger.sample_grid and len(grids) >= 2:
+            first, last = grids[0], grids[-1]
+            save_side_by_side(self.run_dir / "samples" / "first_vs_last.png", first, last,
+                              first.stem.replace("_", " "), last.stem.replace("_", " "))
+        if self.cfg.logger.report and self.logger.metrics_path.exists():
+            from algos.report import write_report
+
+            write_report([self.run_dir], self.run_dir)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> list[dict[str, float]]:
@@ -299,6 +332,7 @@ class Trainer:
                 self.save()
         if bar is not None:
             bar.close()
+        self.finish()
         return rows
 
     def _progress_bar(self, total: int):

@@ -263,6 +263,13 @@ SUMMARY_COLUMNS = [
 ]
 
 
+def _canvases(data: SuiteData) -> int:
+    """Canvases per category and split of one evaluation: 8 balanced prompts x samples per prompt."""
+    if not data.points or not data.points[0].jobs:
+        return 0
+    return 8 * int(data.points[0].jobs[0].config["env"]["eval_samples_per_prompt"])
+
+
 def analyse_table(data: SuiteData, out: Path) -> Report:
     by_method: dict[str, list[Point]] = {}
     for p in data.points:
@@ -299,9 +306,9 @@ def analyse_table(data: SuiteData, out: Path) -> Report:
         "Intervals: Student-t 95 % intervals of the mean over seeds; 'paired' columns: per-seed differences to Flow-DPPO "
         "(seed i of both methods sees the same prompts and the same pretrained evaluation), their mean ± 95 % interval "
         "and the paired t-test's two-sided p-value.",
-        "strict: every condition of the prompt holds (GenEval's rule); scores are fractions (0-1) of 32 canvases per "
-        "category and split at the full evaluation size. Held-out prompts: colour-digit and position combinations never "
-        "seen in pretraining nor in RL.",
+        f"strict: every condition of the prompt holds (GenEval's rule); scores are fractions (0-1) of {_canvases(data)} "
+        "canvases per category and split (8 category-balanced prompts x the evaluation's samples per prompt). Held-out "
+        "prompts: colour-digit and position combinations never seen in pretraining nor in RL.",
         f"collapsed: runs whose strict training score fell more than {COLLAPSE_MARGIN} below their pretrained score at "
         "some evaluation, or logged a non-finite metric. colour entropy on prompts that leave the colour free (1 = uniform): "
         "the mode collapse the strict score does not see.",

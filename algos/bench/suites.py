@@ -47,7 +47,7 @@ QUICK_SIZE: tuple[str, ...] = (
     "env.eval_samples_per_prompt=2",
     "env.stochastic_steps=all_but_last",
 )
-COMMON: tuple[str, ...] = ("logger.backends=[]", "trainer.checkpoint_every=0")
+COMMON: tuple[str, ...] = ("logger.backends=[]", "logger.sample_grid=false", "logger.report=false", "trainer.checkpoint_every=0")
 
 METHOD_NAMES = {
     "flow_dppo": "Flow-DPPO",
