@@ -50,6 +50,7 @@ from algos.config import (
     validate_config,
 )
 from algos.ema import ParameterEMA
+from algos.health import check_finite, check_rollout
 from algos.evaluation import Evaluator, drift_kl, final_rewards, trajectory_drift
 from algos.losses import SAMPLES, get_loss_class
 from algos.losses.sample_base import batch_kind
@@ -206,6 +207,7 @@ class Trainer:
             traj = self.env.rollout(self.env.num_steps, self.policy)
         drift = trajectory_drift(self.backend, self.policy, traj, self.strategy.autocast) if self.cfg.trainer.drift_every_iteration else []
         reward, reward_terms = final_rewards(traj)
+        check_rollout(traj, reward, reward_terms, self.iteration + 1)
         return {
             "drift_kl": float(torch.stack(drift).mean()) if drift else float("nan"),
             "trajectory": traj.select(*_STEP_KEYS),  # [B, K]
@@ -221,9 +223,15 @@ class Trainer:
         return drift_kl(self.backend, self.policy, td, self.strategy.autocast)
 
     # ------------------------------------------------------------------ 2-3. advantages and updates
+    def advantages(self, rollout: Mapping[str, Any]) -> torch.Tensor:
+        """The rollout's advantages (B,), checked finite (``algos.health``)."""
+        advantage = self.advantage(rollout["reward"], rollout["reward_terms"], rollout["prompts"], rollout["group_id"])
+        check_finite(advantage, "the advantage", self.iteration + 1)
+        return advantage
+
     def training_pairs(self, rollout: Mapping[str, Any]) -> TensorDict:
         """Flat (sample, stochastic step) pairs with their advantage; zero-advantage samples dropped."""
-        advantage = self.advantage(rollout["reward"], rollout["reward_terms"], rollout["prompts"], rollout["group_id"])
+        advantage = self.advantages(rollout)
         traj = rollout["trajectory"]
         B, K = traj.batch_size
         traj.set("advantage", advantage.to(traj.device).float()[:, None].expand(B, K))
@@ -237,7 +245,7 @@ class Trainer:
         """One row per sample for a per-sample loss (``algos.losses.sample_base``): the final clean
         latent ``sample``, the rollout's ``sigmas`` (B, K), the ``advantage`` and the ``sample_index``;
         zero-advantage samples dropped when ``trainer.drop_zero_advantage``."""
-        advantage = self.advantage(rollout["reward"], rollout["reward_terms"], rollout["prompts"], rollout["group_id"])
+        advantage = self.advantages(rollout)
         traj = rollout["trajectory"]
         B = traj.batch_size[0]
         samples = TensorDict(
@@ -259,7 +267,7 @@ class Trainer:
         return self.training_samples(rollout) if self.batch_kind == SAMPLES else self.training_pairs(rollout)
 
     def update(self, pairs: TensorDict, conditioning: TensorDict) -> dict[str, float]:
-        return self.updater.update(pairs, conditioning)
+        return self.updater.update(pairs, conditioning, iteration=self.iteration + 1)
 
     # ------------------------------------------------------------------ 4. evaluation
     def evaluate(self) -> dict[str, float]:

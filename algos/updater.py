@@ -26,6 +26,7 @@ from torch import nn
 
 from algos.config import TrainerConfig
 from algos.ema import ParameterEMA
+from algos.health import check_update
 from algos.losses.sample_base import SAMPLES, batch_kind
 from algos.strategy import Strategy
 
@@ -92,23 +93,35 @@ class Updater:
             batches.append(pieces)
         return batches
 
-    def step(self, pieces: list[TensorDict], sums: dict[str, list[float]]) -> None:
-        """One optimizer step over the micro-batches of one mini-batch; diagnostics appended to ``sums``."""
+    def step(self, pieces: list[TensorDict], sums: dict[str, list[float]], *, iteration: int = 0, epoch: int = 0,
+             minibatch: int = 0) -> None:
+        """One optimizer step over the micro-batches of one mini-batch; diagnostics appended to ``sums``.
+
+        A non-finite loss or gradient norm raises ``algos.health.NumericalError`` (naming ``iteration``,
+        ``epoch`` and ``minibatch``) before the weights move."""
         self.optimizer.zero_grad(set_to_none=True)
         total = sum(piece.batch_size[0] for piece in pieces)
+        minibatch_loss = None
         for batch in pieces:
             with self.strategy.autocast():
                 out = self.loss_module(batch)
             loss = sum(v for k, v in out.items() if k.startswith("loss_"))
             # each micro-batch's mean loss weighted by its share: the mini-batch mean
-            self.strategy.backward(loss * (batch.batch_size[0] / total))
+            share = loss * (batch.batch_size[0] / total)
+            self.strategy.backward(share)
+            minibatch_loss = share.detach() if minibatch_loss is None else minibatch_loss + share.detach()
             for key, value in out.items():
                 if value.numel() == 1:
                     sums.setdefault(key, []).append(float(value.detach()))
         self.strategy.reduce_gradients(self.parameters())
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
         if self.config.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.config.max_grad_norm)
             sums.setdefault("grad_norm", []).append(float(grad_norm))
+        else:
+            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        if minibatch_loss is not None:
+            check_update(minibatch_loss, grad_norm, epoch, minibatch, iteration)
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update()
@@ -120,10 +133,11 @@ class Updater:
             samples, generator=self.shuffle_generator, chunk_size=self.config.micro_batch_size, autocast=self.strategy.autocast
         )
 
-    def update(self, pairs: TensorDict, conditioning: TensorDict) -> dict[str, float]:
+    def update(self, pairs: TensorDict, conditioning: TensorDict, iteration: int = 0) -> dict[str, float]:
         """``inner_epochs`` passes of mini-batch updates; the diagnostics' summary, ``num_updates``, ``num_pairs``.
 
         ``pairs``: the (sample, step) pairs, or for a ``batch_kind == "samples"`` loss the samples.
+        ``iteration``: the training iteration, named in a ``NumericalError``.
         """
         sums: dict[str, list[float]] = {}
         num_updates = 0
@@ -133,8 +147,8 @@ class Updater:
         for epoch in range(self.config.inner_epochs):
             if pairs.batch_size[0] == 0:
                 break
-            for pieces in self.minibatches(pairs, conditioning, epoch):
-                self.step(pieces, sums)
+            for index, pieces in enumerate(self.minibatches(pairs, conditioning, epoch)):
+                self.step(pieces, sums, iteration=iteration, epoch=epoch, minibatch=index)
                 num_updates += 1
         stats = self.strategy.reduce_metrics(summarise(sums))
         stats["num_updates"] = num_updates
