@@ -125,6 +125,9 @@ class LoggerConfig:
 class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto = cuda when available, else cpu
+    # torch's CPU threads; null = torch's default (one per physical core). On a shared machine set it
+    # to the cores you may use: oversubscribed threads slow a run several-fold
+    num_threads: Optional[int] = None
     resume: Any = False  # true = continue the newest run of this algo/env under outputs/; or a run folder
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
@@ -224,6 +227,8 @@ def _validate(cfg: RunConfig) -> None:
     for key in ("iterations", "inner_epochs", "num_minibatches", "rollout_batches"):
         _positive(getattr(t, key), f"trainer.{key}", integer=True)
     _positive(t.lr, "trainer.lr")
+    if cfg.num_threads is not None:
+        _positive(cfg.num_threads, "num_threads", integer=True)
     for key in ("grid_prompts", "grid_samples"):
         _positive(getattr(cfg.logger, key), f"logger.{key}", integer=True)
     if t.micro_batch_size is not None:

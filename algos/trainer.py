@@ -121,6 +121,8 @@ class Trainer:
         self.device = self.strategy.device
         seed = int(cfg.seed)
         torch.manual_seed(seed)
+        if cfg.num_threads is not None:
+            torch.set_num_threads(int(cfg.num_threads))
 
         self.env: FlowDenoiseEnv = make_env(
             e.name, backend_options=e.backend, **env_args,
@@ -335,7 +337,9 @@ class Trainer:
             rows.append(self.logger.log(row))
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row.get('kl_old_new_mean', float('nan')):.2e}")
+                # drift: KL to the pretrained model (when measured per rollout); step_kl: old -> new policy of the update
+                bar.set_postfix(reward=f"{row['reward']:.3f}", drift=f"{row.get('drift_kl', float('nan')):.2e}",
+                                step_kl=f"{row.get('kl_old_new_mean', float('nan')):.2e}")
             if t.checkpoint_every and (self.iteration % t.checkpoint_every == 0 or self.iteration == t.iterations):
                 self.save()
         if bar is not None:

@@ -66,3 +66,20 @@ def test_command_line_typo_fails_with_the_accepted_keys():
     out = subprocess.run([sys.executable, "-m", "algos.run", "trainer.itrations=3"], cwd=Path(__file__).resolve().parents[1],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "accepted keys of trainer" in out.stderr and "'iterations'" in out.stderr
+
+
+def test_num_threads_is_validated_and_applied(tmp_path):
+    import torch
+
+    from algos.config import load_config
+    from algos.trainer import Trainer
+    from sample_loss_toys import run_config
+
+    with pytest.raises(ValueError, match="num_threads must be a positive integer"):
+        load_config(run_config("grpo", "num_threads=0"))
+    before = torch.get_num_threads()
+    try:
+        Trainer(run_config("grpo", "num_threads=1"), tmp_path, progress=False)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
