@@ -20,10 +20,10 @@ LAYERS: list[tuple[str, ...]] = [
     ("flowgym.env", "flowgym.policy", "flowgym.rollout"),
     ("flowgym.gym", "flowgym.registration", "flowgym"),
     ("flowgym.testing",),
-    ("algos.advantages", "algos.losses", "algos.ema", "algos.checkpoint", "algos.config"),
-    ("algos.strategy", "algos.updater", "algos.evaluation", "algos.run_logger"),
+    ("algos.advantages", "algos.losses", "algos.ema", "algos.checkpoint", "algos.config", "algos.health"),
+    ("algos.strategy", "algos.updater", "algos.evaluation", "algos.run_logger", "algos.sample_grid", "algos.report"),
     ("algos.trainer",),
-    ("algos.run", "algos.bench", "algos"),
+    ("algos.run", "algos.multirun_summary", "algos.bench", "algos"),
 ]
 
 
