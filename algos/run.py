@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -47,16 +48,56 @@ def summary_table(rows: list[dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def check_same_run(resume_dir: Path, cfg: DictConfig) -> None:
+    """A resumed folder must hold a run of the same algo and env: one ``metrics.jsonl`` never mixes two."""
+    saved_file = resume_dir / ".hydra" / "config.yaml"
+    if not saved_file.is_file():
+        return  # a folder written without hydra (a Trainer used directly): nothing to compare
+    saved = OmegaConf.load(saved_file)
+    for key in ("algo.name", "env.name"):
+        was, now = OmegaConf.select(saved, key), OmegaConf.select(cfg, key)
+        if was != now:
+            raise ValueError(
+                f"resume={cfg.resume!r}: {resume_dir} is a run with {key}={was}, this command asks for {key}={now}; "
+                f"resume it with {key}={was}, or start a new run (resume=false)"
+            )
+
+
+def is_bare_hydra_folder(run_dir: Path) -> bool:
+    """True when ``run_dir`` holds nothing but what hydra writes at start-up (its ``.hydra`` and log)."""
+    return run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir())
+
+
+def remove_bare_folder(run_dir: Path, keep_log_in: Path | None = None) -> None:
+    """Delete a run folder that holds only hydra's start-up files (after a failed start or a resume);
+    with ``keep_log_in``, its log is appended to that folder's ``resume.log`` first."""
+    if not is_bare_hydra_folder(run_dir):
+        return
+    if keep_log_in is not None:
+        for log in run_dir.glob("*.log"):
+            with open(keep_log_in / "resume.log", "a") as handle:
+                handle.write(f"--- {run_dir.name}\n{log.read_text()}")
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    resume_dir = find_resume_dir(cfg.resume, run_dir)
-    container = OmegaConf.to_container(cfg, resolve=True)
-    trainer = Trainer(container, resume_dir or run_dir)
+    try:
+        resume_dir = find_resume_dir(cfg.resume, run_dir)
+        if resume_dir is not None:
+            check_same_run(resume_dir, cfg)
+        container = OmegaConf.to_container(cfg, resolve=True)
+        trainer = Trainer(container, resume_dir or run_dir)
+    except Exception:
+        remove_bare_folder(run_dir)  # a run that never started leaves no empty folder behind
+        raise
     if resume_dir is not None:
         trainer.resume()
         print(f"resumed {resume_dir} at iteration {trainer.iteration}")
     rows = trainer.train()
+    if resume_dir is not None:
+        remove_bare_folder(run_dir, keep_log_in=resume_dir)
     print(summary_table(rows))
     print(f"run folder: {trainer.run_dir}")
     final = [r for r in rows if "eval/train/reward" in r]
