@@ -69,7 +69,7 @@ class ModelNotAvailableError(FileNotFoundError):
 #: ``{source: builder}``: ``resolve_pretrained("<source>:<name>")`` returns ``builder(name)``, a local folder.
 #: Sources register themselves from higher layers (``flowgym.testing.tiny_pipelines`` adds ``tiny``).
 MODEL_SOURCES: dict[str, Callable[[str], Path]] = {}
-#: where a source lives, for the error when it is named but not imported yet
+#: built-in sources: imported on their first use (``tiny:<family>`` needs no explicit import)
 _SOURCE_MODULES = {"tiny": "flowgym.testing.tiny_pipelines"}
 
 
@@ -90,6 +90,10 @@ def _source_spec(spec: str) -> tuple[str, str] | None:
 
 def _resolve_source(spec: str, what: str) -> Path:
     source, name = _source_spec(spec)  # type: ignore[misc]
+    if source not in MODEL_SOURCES and source in _SOURCE_MODULES:
+        import importlib
+
+        importlib.import_module(_SOURCE_MODULES[source])  # a built-in source registers itself on import
     if source not in MODEL_SOURCES:
         module = _SOURCE_MODULES.get(source)
         hint = (

@@ -75,7 +75,7 @@ def tiny_t5_tokenizer(model_max_length: int = 512):
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
 
 
-def _fill_zero_parameters(module: torch.nn.Module, std: float = 0.02) -> None:
+def fill_zero_parameters(module: torch.nn.Module, std: float = 0.02) -> None:
     """Give zero-initialised weights (diffusers zero-inits some output layers) small random values.
 
     Otherwise a random-weight model may ignore its input, and tests comparing outputs could pass
@@ -161,7 +161,7 @@ def save_tiny_sd3(path: str | Path, *, with_t5: bool = True, seed: int = 0) -> P
             dual_attention_layers=(0,),
             qk_norm="rms_norm",
         ).eval()
-        _fill_zero_parameters(transformer)
+        fill_zero_parameters(transformer)
 
         vae = AutoencoderKL(
             in_channels=3,
