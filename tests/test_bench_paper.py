@@ -154,3 +154,21 @@ def test_paper_suites_write_tables_plots_and_paired_tests(paper_quick):
     noise = json.loads((out / "paper_ratio_noise.json").read_text())
     shares = [row["disagree"]["mean"] for row in noise["tables"][0]["rows"]]
     assert len(shares) == 2 and all(0.0 <= s <= 1.0 for s in shares)
+
+
+def test_components_suite_crosses_weighting_and_sampler_per_trust_region():
+    points = paper.build_components(BenchOptions(seeds=2))
+    assert "paper_components" in SUITES and "paper_components" not in paper.PAPER
+    cells = {(p.method, p.setting["weighting"], p.setting["sampler"]) for p in points}
+    for method in ("Flow-DPPO", "Flow-GRPO"):
+        assert {(method, w, "random window") for w in ("none", "tempflow", "guard")} <= cells
+        assert (method, "none", "MixGRPO sliding") in cells
+    for p in points:
+        config = p.jobs[0].config
+        assert config["algo"]["loss"]["step_weighting"] == p.setting["weighting"]
+        window = config["env"]["stochastic_steps"]
+        assert window["window"] == 2 and list(window["range"]) == [0, 6]
+        # the reduced run has 16 iterations: a slide every 3 visits all 5 positions of the range
+        assert window.get("slide_every") == (3 if p.setting["sampler"] == "MixGRPO sliding" else None)
+    # exactly one plain point per method: the baseline of its paired tests
+    assert sorted(p.method for p in points if p.setting["default"]) == ["Flow-DPPO", "Flow-GRPO"]
