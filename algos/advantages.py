@@ -1,5 +1,7 @@
 """Advantage estimators: from terminal rewards of a batch of samples to one advantage per sample.
 
+The formulas: docs/maths.md#advantages.
+
 The terminal reward is the only reward of an episode, so a sample's advantage is broadcast to all
 of its trained steps by the trainer. Every estimator in ``ADVANTAGES`` is built by name with
 ``make_advantage(name, **kwargs)`` and called the same way::

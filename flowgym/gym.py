@@ -6,8 +6,24 @@
   device), autoreset mode ``SAME_STEP``: the step that ends an episode returns the first
   observation of the next one and puts the terminal observation in ``infos["final_obs"]``.
 
+Observation (``observation_space_for``): a ``Dict`` of exactly six entries, per environment
+
+* ``latent``: float32, the latent's shape, the current state;
+* ``step``: int64 ``(1,)``, the step index 0 .. K (K after the last step);
+* ``sigma``, ``sigma_next``: float32 ``(1,)``, the noise levels this step goes from and to;
+* ``stochastic``: int64 ``(1,)``, 1 where the env asks for noise (a step an algorithm trains on);
+* ``prompt_index``: int64 ``(1,)``, the prompt's index in ``env.unwrapped.core.prompt_list``.
+
+Unlike the TorchRL ``FlowDenoiseEnv`` it does not hold the prompt text, the conditioning, the group
+id or the reward terms. The single env puts the prompt text in ``info["prompt"]`` (at reset and at
+every step); both put the terminal reward terms in ``info["reward_terms"]``. In the vector env, env
+``i`` belongs to group ``i // group_size`` (consecutive envs share a prompt).
+
 Both expose ``make_policy()``, a ``FlowPolicy`` configured with the env's kernel, noise level and
-guidance defaults, so ``gym.make(...)`` users get a matching sampler.
+guidance defaults, so ``gym.make(...)`` users get a matching sampler. The policy reads a TensorDict
+with ``latent``, ``sigma``, ``sigma_next``, ``stochastic`` and ``prompt`` (text) or ``conditioning``,
+not this observation dict: build one from the observation and ``prompt_list[prompt_index]``, or use
+the TorchRL env (``env.unwrapped.core``) directly.
 """
 
 from __future__ import annotations
@@ -32,7 +48,8 @@ DEFAULT_LATENT_BOUND = 100.0
 
 
 def observation_space_for(core: FlowDenoiseEnv, latent_bound: float) -> spaces.Dict:
-    """The single-environment observation space of ``core``."""
+    """The single-environment observation space of ``core``: ``latent``, ``step``, ``sigma``,
+    ``sigma_next``, ``stochastic`` and ``prompt_index`` (see the module docstring), nothing else."""
     return spaces.Dict(
         {
             "latent": spaces.Box(-latent_bound, latent_bound, shape=core.backend.latent_shape, dtype=np.float32),
@@ -63,6 +80,9 @@ def _reward_terms(td) -> dict[str, torch.Tensor]:
 
 class FlowDenoiseGymEnv(gym.Env):
     """A single denoising episode as a gymnasium environment with numpy observations.
+
+    Observations are ``observation_space_for``'s six entries; ``info["prompt"]`` holds the prompt text
+    and, at the terminal step, ``info["reward_terms"]`` each named reward.
 
     ``backend_factory`` builds the backend lazily (so registration stays cheap); the remaining
     keyword arguments go to ``FlowDenoiseEnv`` (``num_prompts`` and ``group_size`` are fixed to 1).
@@ -149,6 +169,9 @@ class FlowDenoiseVectorEnv(VectorEnv):
 
     ``num_envs`` must be a multiple of ``group_size`` (the GRPO group); prompts are drawn per
     group. Autoreset mode ``SAME_STEP`` (set as the attribute and in ``metadata``).
+    Observations are ``observation_space_for``'s six entries batched as torch tensors (``(num_envs, 1)``
+    for the scalars); at the terminal step ``infos`` holds ``reward_terms`` (and, in ``SAME_STEP``
+    mode, ``final_obs`` / ``final_info``). There is no prompt text in the observation or the infos.
     """
 
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}

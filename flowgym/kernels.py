@@ -1,5 +1,8 @@
 """Per-step Gaussian policies of the denoising MDP, their log-probabilities and exact KL.
 
+The maths, with the published noise levels: docs/maths.md#sde-kernels and
+docs/maths.md#log-probabilities-and-kl.
+
 Conventions (rectified flow, as SD3 / FLUX and diffusers use it):
 
 * ``x_s = (1 - s) * x_data + s * eps``; ``s = 1`` is pure noise, ``s = 0`` is data.

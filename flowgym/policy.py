@@ -11,6 +11,14 @@ the environment's observation keys and writes
 * ``sample_log_prob`` - float32 log-density of the action, reduced over latent dimensions
   (``"mean"`` by default); 0 on ODE steps, which are never trained (``stochastic`` is False).
 
+The env's ``stochastic`` flag says where noise is to be injected; the ``"ode"`` kernel injects none.
+A ``FlowPolicy(kernel="ode")`` runs on any env, whatever its ``stochastic_steps``: every step is the
+Euler step (``scale`` 0, ``action = loc``, ``sample_log_prob`` 0, also where ``stochastic`` is True).
+Such a trajectory has no density to train a per-step loss on (the losses reject an ``"ode"`` policy,
+and ``log_prob`` raises on rows flagged stochastic); it is a sampler (evaluation, DiffusionNFT / AWM
+rollouts). With a stochastic kernel and ``noise_level=0`` the std is 0 on stochastic steps, which
+``log_prob`` rejects: use ``kernel="ode"`` for deterministic sampling.
+
 Losses call ``distribution(td)`` to recompute ``velocity, loc, scale`` with gradients and
 ``log_prob(action, loc, scale, stochastic)`` for the new log-probability.
 """
@@ -68,8 +76,9 @@ class PlannedStep:
 class EpisodePlan:
     """The planned steps of one episode and the per-step tensors of its trajectory.
 
-    ``stochastic``: ``(K,)`` flags; ``scale``: ``(K, 1, ..., 1)`` std per step (0 on deterministic
-    steps), as ``forward`` outputs it; ``quadratic`` and ``constant``: ``(K,)`` log-density terms
+    ``stochastic``: the env's ``(K,)`` flags, as the trajectory records them (under the ODE kernel
+    every ``PlannedStep`` is deterministic all the same); ``scale``: ``(K, 1, ..., 1)`` std per step
+    (0 on deterministic steps), as ``forward`` outputs it; ``quadratic`` and ``constant``: ``(K,)`` log-density terms
     (``flowgym.kernels.log_prob_coefficients``; 0 on deterministic steps, whose log-prob is 0).
     """
 
@@ -103,7 +112,8 @@ class FlowPolicy(TensorDictModuleBase):
 
     Args:
         backend: the model family (its velocity model carries the trainable parameters).
-        kernel: ``"flow_sde"`` (Flow-GRPO, default), ``"cps"``, ``"dance_sde"`` or ``"ode"``.
+        kernel: ``"flow_sde"`` (Flow-GRPO, default), ``"cps"``, ``"dance_sde"`` or ``"ode"``
+            (deterministic Euler steps on every step of any env, see the module docstring).
         noise_level: the kernel's noise level (a for Flow-SDE, eta for CPS / Dance-SDE).
         guidance_scale: classifier-free guidance scale (1.0 = no CFG).
         reduce: log-prob reduction over latent dimensions, ``"mean"`` (default) or ``"sum"``.
@@ -211,12 +221,31 @@ class FlowPolicy(TensorDictModuleBase):
         loc_ode, _ = ode_step(latent, velocity, sigma, sigma_next)
         return torch.where(mask, loc_sde, loc_ode), torch.where(mask, std, torch.zeros_like(std))
 
+    @property
+    def deterministic(self) -> bool:
+        """Whether this policy never draws noise (the ``"ode"`` kernel): all its steps are Euler steps."""
+        return self.kernel_name == "ode"
+
+    def noisy_steps(self, stochastic: Tensor) -> Tensor:
+        """The rows this policy draws noise at: the env's ``stochastic`` flags, none for the ODE kernel."""
+        stochastic = stochastic.reshape(-1).bool()
+        return torch.zeros_like(stochastic) if self.deterministic else stochastic
+
     def log_prob(self, action: Tensor, loc: Tensor, scale: Tensor, stochastic: Tensor) -> Tensor:
         """Float32 log-density per sample (reduced by ``self.reduce``); 0 on ODE rows.
 
-        A stochastic row whose scale is 0 (noise level 0) raises ``ValueError``.
+        A stochastic row whose scale is 0 (noise level 0) raises ``ValueError``, and so does any row
+        flagged stochastic under the ``"ode"`` kernel, which has no density at all.
         """
         mask = stochastic.reshape(-1).bool()
+        if self.deterministic:
+            if bool(mask.any()):
+                raise ValueError(
+                    "FlowPolicy(kernel='ode') is deterministic: its steps have no log-probability, so it cannot be "
+                    "trained with a per-step loss; train with a stochastic kernel (kernel='flow_sde', 'cps' or "
+                    "'dance_sde'). Its rollouts record sample_log_prob = 0 on every step."
+                )
+            return torch.zeros(mask.shape[0], dtype=torch.float32, device=loc.device)
         shape = (-1,) + (1,) * (loc.dim() - 1)
         safe_scale = torch.where(mask.reshape(shape), scale, torch.ones_like(scale))
         logp = gaussian_log_prob(action, loc, safe_scale, self.reduce, convention=self.log_prob_convention)
@@ -238,7 +267,7 @@ class FlowPolicy(TensorDictModuleBase):
         td.set("loc", loc)
         td.set("scale", scale)
         td.set("action", action)
-        td.set("sample_log_prob", self.log_prob(action, loc, scale, stochastic))
+        td.set("sample_log_prob", self.log_prob(action, loc, scale, self.noisy_steps(stochastic)))
         return td
 
     # ------------------------------------------------------------------ fused rollouts
@@ -246,8 +275,9 @@ class FlowPolicy(TensorDictModuleBase):
         """The plan of a whole episode for a batch of latents of shape ``latent_shape`` (``(B, ...)``)
         that step together: ``sigmas`` is the K + 1 schedule, ``stochastic_mask`` the K flags.
         Computed once per distinct episode (the coefficients of every step in one call) and cached.
-        ``None`` when the episode cannot be sampled step-wise like ``forward`` does: the ODE kernel
-        or a zero std on a stochastic step, which ``forward`` rejects with its own error.
+        ``None`` when the episode cannot be sampled step-wise like ``forward`` does: a zero std on a
+        stochastic step (noise level 0), which ``forward`` rejects with its own error. Under the ODE
+        kernel every step is planned deterministic, whatever ``stochastic_mask`` says.
         """
         stochastic = tuple(bool(f) for f in stochastic_mask.tolist())
         key = (tuple(sigmas.tolist()), stochastic, tuple(latent_shape), str(sigmas.device), self.kernel_name,
@@ -260,8 +290,9 @@ class FlowPolicy(TensorDictModuleBase):
         return cache[key]
 
     def _plan(self, sigmas: Tensor, stochastic: tuple[bool, ...], latent_shape: tuple[int, ...]) -> EpisodePlan | None:
-        if self.kernel_name == "ode" and any(stochastic):
-            return None
+        flags = torch.tensor(stochastic, dtype=torch.bool, device=sigmas.device)  # the env's, kept in the trajectory
+        if self.deterministic:
+            stochastic = (False,) * len(stochastic)  # the ODE kernel draws no noise anywhere
         s, s_next = sigmas[:-1], sigmas[1:]
         c_x, c_v, std = (t.expand_as(s) for t in self.kernel_coefficients(s, s_next, self.noise_level))
         mask = torch.tensor(stochastic, dtype=torch.bool, device=sigmas.device)
@@ -276,7 +307,7 @@ class FlowPolicy(TensorDictModuleBase):
         ]
         return EpisodePlan(
             steps=steps,
-            stochastic=mask,
+            stochastic=flags,
             scale=std.reshape(-1, *([1] * (len(latent_shape) - 1))),
             quadratic=torch.where(mask, quadratic, 0.0),
             constant=torch.where(mask, constant, 0.0),

@@ -83,8 +83,9 @@ def fused_rollout(env, policy: FlowPolicy, request: TensorDictBase | None = None
     """Reset ``env`` (with the prompts of ``request`` if it has them) and run one whole episode.
 
     Returns the ``[B, K]`` trajectory torchrl's ``EnvBase.rollout`` returns, or ``None`` right
-    after the reset when the policy cannot plan this episode (the ODE kernel, or a zero std on a
-    stochastic step: the generic loop then raises the policy's own error).
+    after the reset when the policy cannot plan this episode (a zero std on a stochastic step, i.e.
+    a stochastic kernel at noise level 0: the generic loop then raises the policy's own error). The
+    ODE kernel plans every step as a deterministic Euler step, on any env.
     """
     state = env.start_episode(env.prompts_from_request(request))
     latent = state.latent

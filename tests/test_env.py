@@ -226,6 +226,23 @@ def test_prompt_file(backend, tmp_path):
     assert sorted(env.reset().get("prompt").tolist()) == ["first prompt", "second prompt"]
 
 
+def test_gym_observation_is_what_its_docstring_lists():
+    """The gym views' observation holds exactly the entries ``flowgym.gym`` documents, no more, no less."""
+    import re
+
+    import flowgym.gym as gym_module
+
+    section = gym_module.__doc__.split("Observation (")[1].split("Unlike the TorchRL")[0]
+    documented = set(re.findall(r"``(\w+)``", section)) - {"observation_space_for", "Dict"}
+    env = gym.make("FlowDenoise-Toy-v0", rewards=brightness(), num_steps=2)
+    obs, info = env.reset(seed=0)
+    assert set(env.observation_space.spaces) == set(obs) == documented
+    assert isinstance(info["prompt"], str)  # the prompt text travels in info, not in the observation
+    venv = gym.make_vec("FlowDenoise-Toy-v0", num_envs=2, group_size=2, rewards=brightness(), num_steps=2)
+    obs, _ = venv.reset(seed=0)
+    assert set(venv.single_observation_space.spaces) == set(obs) == documented
+
+
 def test_gymnasium_and_sb3_checkers():
     env = gym.make("FlowDenoise-Toy-v0", rewards=brightness())
     with warnings.catch_warnings():

@@ -1,6 +1,6 @@
 """Tests for flowgym.kernels: step kernels, Gaussian log-probabilities and the exact KL.
 
-Conventions under test (REFERENCE.md): ``x_s = (1 - s) x0 + s eps``, ``v = eps - x0``, denoising
+Conventions under test (docs/maths.md#conventions): ``x_s = (1 - s) x0 + s eps``, ``v = eps - x0``, denoising
 goes from ``sigma`` to ``sigma_next < sigma``; every kernel returns ``(mean, std)`` in float32.
 """
 
@@ -170,7 +170,7 @@ def test_log_ratio_matches_flow_dppo_decomposition():
 
 # --------------------------------------------------------------------------- kernel formulas (float64 oracle)
 def _formula(name: str, x, v, s: float, sn: float, a: float):
-    """REFERENCE.md formulas written out independently, in float64."""
+    """The formulas of docs/maths.md#sde-kernels written out independently, in float64."""
     x, v = x.double(), v.double()
     dt = sn - s
     if name == "ode":

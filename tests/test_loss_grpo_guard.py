@@ -73,7 +73,7 @@ def _kernel_for(name: str) -> str:
 
 
 def _flow_sde_std(sigma: torch.Tensor, sigma_next: torch.Tensor, a: float = NOISE_LEVEL) -> torch.Tensor:
-    """The Flow-SDE step std ``a * sqrt(s / (1 - s_den)) * sqrt(s - s_next)`` in float64, from REFERENCE.md
+    """The Flow-SDE step std ``a * sqrt(s / (1 - s_den)) * sqrt(s - s_next)`` in float64, from docs/maths.md#flow-sde
     (``s_den = s_next`` at ``s = 1``, the reference code's substitution)."""
     s, s_next = sigma.double(), sigma_next.double()
     s_den = torch.where(s >= 1.0, s_next, s)

@@ -87,6 +87,7 @@ CASES = [
     pytest.param({"stochastic_steps": {"window": 2, "range": [1, 5]}}, {}, id="window"),
     pytest.param({"stochastic_steps": [0, 2, 4]}, {"kernel": "cps", "noise_level": 0.8}, id="cps-list"),
     pytest.param({"stochastic_steps": "none"}, {}, id="ode-episode"),
+    pytest.param({}, {"kernel": "ode"}, id="ode-kernel-on-stochastic-steps"),
     pytest.param({"share_initial_noise": True}, {"kernel": "dance_sde", "noise_level": 0.3, "reduce": "sum"}, id="dance-sum"),
     pytest.param({}, {"kernel": "cps", "log_prob_convention": "cps_legacy"}, id="cps-legacy"),
     pytest.param({"shift": "dynamic"}, {"guidance_scale": 3.0}, id="cfg-dynamic-shift"),
@@ -170,13 +171,45 @@ def test_other_calls_take_torchrl_loop(backend, call, monkeypatch):
 
 
 def test_unplannable_episodes_raise_the_policy_error(backend):
-    # the ODE kernel on stochastic steps, and a zero std, have no density: the fused path hands the
-    # episode to TorchRL's loop, whose policy raises, exactly as without the fused path
-    for kwargs in ({"kernel": "ode"}, {"noise_level": 0.0}):
-        for runner in (lambda env, p: env.rollout(env.num_steps, p), lambda env, p: EnvBase.rollout(env, env.num_steps, p)):
-            env = make_env(backend)
-            with pytest.raises(ValueError, match="std must be finite and > 0"), torch.no_grad():
-                runner(env, FlowPolicy(backend, seed=0, **kwargs))
+    # a stochastic kernel at noise level 0 has a zero std on stochastic steps, hence no density: the
+    # fused path hands the episode to TorchRL's loop, whose policy raises, exactly as without it
+    for runner in (lambda env, p: env.rollout(env.num_steps, p), lambda env, p: EnvBase.rollout(env, env.num_steps, p)):
+        env = make_env(backend)
+        with pytest.raises(ValueError, match="std must be finite and > 0"), torch.no_grad():
+            runner(env, FlowPolicy(backend, seed=0, noise_level=0.0))
+
+
+@pytest.mark.parametrize("stochastic_steps", ["all_but_last", "all", {"window": 2, "range": [1, 5]}, [0, 3]])
+def test_ode_kernel_runs_on_any_env_as_deterministic_steps(backend, stochastic_steps):
+    """``FlowPolicy(kernel="ode")`` ignores where the env asks for noise: on every step it takes the Euler
+    step (scale 0, action = loc, sample_log_prob 0), so it samples exactly what an ODE episode does."""
+    runs = []
+    for spec in (stochastic_steps, "none"):
+        env = make_env(backend, stochastic_steps=spec)
+        with torch.no_grad():
+            runs.append(env.rollout(env.num_steps, FlowPolicy(backend, seed=0, kernel="ode")))
+    td, ode_episode = runs
+    assert td.get("stochastic").any()  # the env's flags are kept: they say where noise was asked for
+    assert torch.equal(td.get("action"), td.get("loc"))
+    assert not td.get("scale").any() and not td.get("sample_log_prob").any()
+    for key in ("action", "loc", "velocity", ("next", "latent"), ("next", "reward")):
+        assert torch.equal(td.get(key), ode_episode.get(key)), key
+
+
+def test_ode_kernel_has_no_log_prob_to_train_on(backend):
+    from algos.losses import make_loss
+
+    env = make_env(backend)
+    policy = FlowPolicy(backend, seed=0, kernel="ode")
+    with torch.no_grad():
+        td = env.rollout(env.num_steps, policy).reshape(-1)
+    stochastic = td.get("stochastic")
+    with pytest.raises(ValueError, match=r"kernel='ode'\) is deterministic.*stochastic kernel"):
+        policy.log_prob(td.get("action"), td.get("loc"), td.get("scale"), stochastic)
+    # deterministic rows keep their log-prob of 0
+    assert not policy.log_prob(td.get("action"), td.get("loc"), td.get("scale"), torch.zeros_like(stochastic)).any()
+    with pytest.raises(ValueError, match="deterministic 'ode' kernel"):
+        make_loss("grpo", policy)
 
 
 class NaNBackend(ToyBackend):

@@ -11,7 +11,7 @@ from flowgym.kernels import flow_sde_step
 from flowgym.schedules import dynamic_shift_sigmas, flux_mu, make_sigmas, static_shift_sigmas
 
 SD35_10_STEPS = [1.0, 0.9601, 0.9133, 0.8577, 0.7904, 0.7073, 0.6022, 0.4649, 0.2780, 0.0089, 0.0]
-# Flow-GRPO's per-step std for 10 SD3.5 steps at noise level 0.7 (REFERENCE.md section 2).
+# Flow-GRPO's per-step std for 10 SD3.5 steps at noise level 0.7 (docs/maths.md#sde-kernels).
 FLOW_SDE_STD_10_STEPS = [0.70, 0.74, 0.54, 0.45, 0.39, 0.35, 0.32, 0.28, 0.23, 0.006]
 
 

@@ -312,3 +312,14 @@ def test_fused_rollout_equals_torchrl_loop_with_cfg(tiny_path):
     # the conditioning is a view of the episode's text embeddings, not one copy per step
     embeds = fused.get(("conditioning", "prompt_embeds"))
     assert embeds.stride(1) == 0 and torch.equal(embeds, loop.get(("conditioning", "prompt_embeds")))
+
+
+def test_sd3_tiny_config_trains_two_iterations_offline(tmp_path):
+    """``python -m algos.run env=sd3_tiny reward=jpeg_compressibility`` works as is: the config's
+    ``tiny:sd3`` source builds the random pipeline offline and its resolution fits the tiny transformer."""
+    from family_checks import check_algos_run
+
+    cfg = compose_config("env=sd3_tiny")
+    assert cfg["env"]["name"] == "sd3" and cfg["env"]["backend"]["model"] == "tiny:sd3"
+    assert cfg["env"]["backend"]["resolution"] == RES
+    check_algos_run("sd3_tiny", tmp_path)

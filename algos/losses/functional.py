@@ -1,5 +1,7 @@
 """Pure tensor maths of the policy-gradient objectives: ratios, divergences, clipped and masked losses.
 
+Every objective here, with its published defaults, is written out in docs/maths.md#losses.
+
 Everything here works on flat per-(sample, step) tensors of shape ``(N,)`` (divergences take
 the latent-shaped means / velocities, ``(N, ...)``) and has no state. The loss modules in
 ``algos.losses`` only gather tensors from a tensordict and call these functions.

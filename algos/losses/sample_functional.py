@@ -1,6 +1,6 @@
 """The maths of the per-sample (forward-process) losses: DiffusionNFT and AWM, as plain functions.
 
-Conventions (``docs``: REFERENCE.md section 1): the rollout gives clean samples ``x0``; a trained
+Conventions (docs/maths.md#conventions): the rollout gives clean samples ``x0``; a trained
 (sample, timestep) pair draws fresh noise ``eps`` and noises the sample along the rectified-flow
 forward process at the noise level ``t`` (a sigma of the sampling schedule)::
 
