@@ -214,10 +214,18 @@ def looks_like_path(spec: str) -> bool:
 def download_hint(model: str) -> str:
     """How to make ``model`` available on a machine that cannot download it."""
     return (
-        f"on a machine with internet access run `hf download {model} --local-dir <folder>` "
-        f"(`huggingface-cli download` with older huggingface_hub), copy the folder here and pass "
-        f"model=<folder>; or point HF_HOME at a Hugging Face cache that already holds it"
+        f"where the hub is reachable run `hf download {model} --local-dir <folder>` (gated repositories, "
+        f"as SD3.5 and FLUX: accept the licence on the hub page and `hf auth login` first), copy the folder "
+        f"here and pass env.backend.model=<folder> (a model family) or reward.kwargs.<reward>.model=<folder> "
+        f"(a reward; .processor likewise); or set HF_HOME to a cache that holds it"
     )
+
+
+def _mode(offline: bool) -> str:
+    """What was tried, for a loading error: the cache only, or the cache and then the hub."""
+    if offline:
+        return "offline mode (HF_HUB_OFFLINE=1 or local_files_only=True): the local cache only"
+    return "not in the local cache; the hub was unreachable or refused it"
 
 
 def short_error(error: BaseException) -> str:
@@ -294,7 +302,7 @@ def resolve_pretrained(
                 f"{what}: {spec!r} is neither an existing local folder nor a valid hub id"
             ) from None
         except Exception as error:  # offline / no cache / network failure
-            mode = "offline mode (HF_HUB_OFFLINE=1 or local_files_only=True)" if offline else "download failed"
+            mode = _mode(offline)
             raise ModelNotAvailableError(
                 f"{what}: {spec!r} is not in the local Hugging Face cache and could not be downloaded "
                 f"[{mode}; {short_error(error)}]. To fix: {download_hint(spec)}"
@@ -320,7 +328,7 @@ def load_pretrained(loader: Any, spec: str | os.PathLike, what: str, local_files
         if Path(spec).expanduser().is_dir():
             raise
         raise ModelNotAvailableError(
-            f"{what}: could not load {spec!r} ({'offline' if offline else 'online'}; {short_error(error)}). "
+            f"{what}: could not load {spec!r} ({_mode(offline)}; {short_error(error)}). "
             f"To fix: {download_hint(spec)}"
         ) from None
 
@@ -342,6 +350,6 @@ def fetch_file(spec: str | os.PathLike, filename: str, what: str, local_files_on
         return Path(hf_hub_download(spec, filename, local_files_only=offline))
     except Exception as error:
         raise ModelNotAvailableError(
-            f"{what}: could not get {filename!r} from {spec!r} ({'offline' if offline else 'online'}; "
+            f"{what}: could not get {filename!r} from {spec!r} ({_mode(offline)}; "
             f"{short_error(error)}). To fix: {download_hint(spec)}"
         ) from None
