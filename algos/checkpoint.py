@@ -12,6 +12,12 @@ Layout of a run's checkpoint folder::
 A checkpoint is written into ``iter-XXXXXX.tmp-<pid>`` and renamed to its final name after every
 file is flushed to disk, so a crash (even SIGKILL) mid-write leaves at worst a stray ``.tmp``
 folder that loading ignores. ``state.pt`` is loaded with ``weights_only=True``: no pickled code.
+
+A checkpoint that looks complete but cannot be read (a truncated or garbage file, a state without
+an entry the trainer needs: a disk filled up, a file copied by hand) raises ``CheckpointError``
+naming the file and what is wrong; ``complete_checkpoints`` lists the candidates newest first so a
+resume can fall back to the newest intact one, and ``mark_broken`` renames a broken one to
+``iter-XXXXXX.broken`` (kept for inspection, never loaded or pruned again).
 """
 
 from __future__ import annotations
@@ -25,11 +31,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint"]
+__all__ = ["CheckpointError", "complete_checkpoints", "latest_checkpoint", "load_checkpoint", "mark_broken", "save_checkpoint"]
 
 _WEIGHTS = "weights.safetensors"
 _STATE = "state.pt"
 _MARKER = "COMPLETE"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message names the file and what is wrong."""
 
 
 def _fsync_file(path: Path) -> None:
@@ -109,11 +119,57 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load ``(weights, state)`` from a complete checkpoint folder."""
+def complete_checkpoints(directory: str | Path) -> list[Path]:
+    """Every complete checkpoint under ``directory``, newest first (the one ``latest`` names leads)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = sorted((p for p in directory.glob("iter-*") if "." not in p.name and _complete(p)), reverse=True)
+    newest = latest_checkpoint(directory)
+    return [newest, *(p for p in found if p != newest)] if newest is not None else found
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:160] if text else ''}"
+
+
+def load_checkpoint(
+    path: str | Path, device: torch.device | str = "cpu", required: tuple[str, ...] = ()
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load ``(weights, state)`` from a complete checkpoint folder.
+
+    ``required``: entries the state must hold. A file that cannot be read, a state that is not a
+    dict, lacks a required entry or disagrees with the ``COMPLETE`` marker raise ``CheckpointError``
+    naming the file.
+    """
     path = Path(path)
     if not _complete(path):
-        raise ValueError(f"{path} is not a complete checkpoint (expected {_WEIGHTS}, {_STATE} and {_MARKER})")
-    weights = load_file(str(path / _WEIGHTS), device=str(device))
-    state = torch.load(path / _STATE, map_location="cpu", weights_only=True)
+        raise CheckpointError(f"{path} is not a complete checkpoint (expected {_WEIGHTS}, {_STATE} and {_MARKER})")
+    try:
+        weights = load_file(str(path / _WEIGHTS), device=str(device))
+    except Exception as error:  # safetensors' errors name no file
+        raise CheckpointError(f"{path / _WEIGHTS} cannot be read ({_reason(error)}): truncated or not a safetensors file") from None
+    try:
+        state = torch.load(path / _STATE, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch's unpickling / zip errors name no file
+        raise CheckpointError(f"{path / _STATE} cannot be read ({_reason(error)}): truncated or not a checkpoint state file") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path / _STATE} holds a {type(state).__name__}, not the training state (a dict)")
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise CheckpointError(f"{path / _STATE} has no {', '.join(map(repr, missing))} entry; a training state holds {list(required)}")
+    marker = (path / _MARKER).read_text().strip()
+    if "iteration" in state and marker.isdigit() and int(marker) != state["iteration"]:
+        raise CheckpointError(f"{path / _STATE} is the state of iteration {state['iteration']!r}, its {_MARKER} marker says {marker}")
     return weights, state
+
+
+def mark_broken(path: str | Path) -> Path:
+    """Rename a checkpoint that cannot be loaded to ``<name>.broken`` (never loaded or pruned again)."""
+    path = Path(path)
+    target, n = path.with_name(f"{path.name}.broken"), 1
+    while target.exists():
+        target, n = path.with_name(f"{path.name}.broken-{n}"), n + 1
+    os.replace(path, target)
+    return target

@@ -15,6 +15,7 @@ class's ``policy_defaults``, then ``FlowPolicy``'s own defaults.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -24,6 +25,7 @@ from omegaconf import MISSING, OmegaConf
 
 from algos.losses.functional import STEP_WEIGHTINGS
 from flowgym.env import stochastic_step_mask
+from flowgym.registration import check_device, check_policy_arguments
 
 __all__ = [
     "AlgoConfig",
@@ -68,7 +70,10 @@ class TrainerConfig:
     eval_num_steps: Optional[int] = None  # None = env.num_steps (the SD3.5 recipes evaluate with 40 ODE steps)
     eval_guidance_scale: Optional[float] = None  # None = the training policy's guidance
     eval_batch_size: Optional[int] = None  # evaluate in chunks of this many samples; None = all at once
-    drift_every_iteration: bool = True  # drift KL to the reference on each rollout (one extra forward a step)
+    drift_every_iteration: bool = True  # drift KL to the reference on each rollout (one reference forward over its states)
+    drift_every: int = 1  # ... on every n-th iteration only (the others log NaN)
+    drift_samples: Optional[int] = None  # ... on this many samples, evenly spaced (= num_prompts: one per group); None = all
+    drift_rows_per_forward: Optional[int] = None  # states per reference forward (None = all at once; 16-32 for SD3.5)
     checkpoint_every: int = 10
 
 
@@ -203,13 +208,22 @@ def _full_key(error: Exception) -> str:
     return f"key {getattr(error, 'full_key', '?')}"
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _positive(value: Any, where: str, integer: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    ok = _number(value) and value > 0
     if integer:
         ok = ok and float(value).is_integer()
     if not ok:
-        kind = "a positive integer" if integer else "a positive number"
+        kind = "a positive integer" if integer else "a positive number (finite)"
         raise ValueError(f"{where} must be {kind}; got {value!r}")
+
+
+def _interval(value: Any, where: str) -> None:
+    if not (_number(value) and float(value).is_integer() and value >= 0):
+        raise ValueError(f"{where} must be an integer >= 0 (every n iterations; 0 = never); got {value!r}")
 
 
 def validate_config(cfg: Mapping[str, Any] | RunConfig) -> None:
@@ -224,8 +238,18 @@ def _validate(cfg: RunConfig) -> None:
     """The checks no constructor makes before the model is built: the trainer's own section, and a few
     loss and policy values whose constructors run only after the model is loaded."""
     t, e, a = cfg.trainer, cfg.env, cfg.algo
+    check_device(cfg.device)  # a CUDA device on a machine without CUDA: a clear error, before the model
     for key in ("iterations", "inner_epochs", "num_minibatches", "rollout_batches"):
         _positive(getattr(t, key), f"trainer.{key}", integer=True)
+    for key in ("eval_every", "checkpoint_every"):
+        _interval(getattr(t, key), f"trainer.{key}")
+    for key in ("eval_num_steps", "eval_batch_size"):
+        if getattr(t, key) is not None:
+            _positive(getattr(t, key), f"trainer.{key}", integer=True)
+    _positive(e.eval_samples_per_prompt, "env.eval_samples_per_prompt", integer=True)
+    _positive(t.ema.every, "trainer.ema.every", integer=True)
+    if not (_number(t.ema.decay) and 0 <= t.ema.decay < 1):
+        raise ValueError(f"trainer.ema.decay must be a number in [0, 1); got {t.ema.decay!r}")
     _positive(t.lr, "trainer.lr")
     if cfg.num_threads is not None:
         _positive(cfg.num_threads, "num_threads", integer=True)
@@ -233,16 +257,27 @@ def _validate(cfg: RunConfig) -> None:
         _positive(getattr(cfg.logger, key), f"logger.{key}", integer=True)
     if t.micro_batch_size is not None:
         _positive(t.micro_batch_size, "trainer.micro_batch_size", integer=True)
-    if t.weight_decay < 0:
-        raise ValueError(f"trainer.weight_decay must be >= 0; got {t.weight_decay}")
-    if t.max_grad_norm is not None and t.max_grad_norm <= 0:
-        raise ValueError(f"trainer.max_grad_norm must be > 0 or null; got {t.max_grad_norm}")
+    _positive(t.drift_every, "trainer.drift_every", integer=True)
+    for key in ("drift_samples", "drift_rows_per_forward"):
+        if getattr(t, key) is not None:
+            _positive(getattr(t, key), f"trainer.{key}", integer=True)
+    if not (_number(t.weight_decay) and t.weight_decay >= 0):
+        raise ValueError(f"trainer.weight_decay must be a finite number >= 0; got {t.weight_decay}")
+    if t.max_grad_norm is not None and not (_number(t.max_grad_norm) and t.max_grad_norm > 0):
+        raise ValueError(f"trainer.max_grad_norm must be a finite number > 0, or null for no clipping; got {t.max_grad_norm}")
+    for name, weight in cfg.reward.weights.items():
+        if not _number(weight):
+            raise ValueError(f"reward.weights.{name} must be a finite number; got {weight!r}")
+    if t.eval_guidance_scale is not None:
+        check_policy_arguments({"guidance_scale": t.eval_guidance_scale}, prefix="trainer.eval_")
     for key, value in a.loss.items():
         # the loss constructors check these too, but only after the model is loaded (minutes for SD3.5)
-        if key in ("threshold", "clip_range", "beta", "delta") and (not isinstance(value, (int, float)) or value < 0):
-            raise ValueError(f"algo.loss.{key} must be a number >= 0; got {value!r}")
+        if key in ("threshold", "clip_range", "beta", "delta") and not (_number(value) and value >= 0):
+            raise ValueError(f"algo.loss.{key} must be a number >= 0 (finite); got {value!r}")
         if key == "step_weighting" and value is not None and value not in STEP_WEIGHTINGS:
             raise ValueError(f"algo.loss.step_weighting must be one of {list(STEP_WEIGHTINGS)}; got {value!r}")
+    # the policy's arguments the algo section sets (the trainer checks them again with the loss's defaults)
+    check_policy_arguments({key: getattr(a, key) for key in POLICY_KEYS if getattr(a, key) is not None}, prefix="algo.")
     if a.noise_level is not None and a.noise_level <= 0:
         raise ValueError(f"algo.noise_level must be > 0 (trained steps need a Gaussian); got {a.noise_level}")
 

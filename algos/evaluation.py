@@ -27,7 +27,7 @@ from flowgym.kernels import flow_sde_step, gaussian_kl
 from flowgym.policy import FlowPolicy
 from flowgym.rewards import RewardComposer
 
-__all__ = ["DRIFT_KERNEL_NOISE", "Evaluator", "drift_kl", "final_rewards", "trajectory_drift"]
+__all__ = ["DRIFT_KERNEL_NOISE", "Evaluator", "drift_kl", "drift_sample_indices", "final_rewards", "trajectory_drift"]
 
 #: the kernel noise level at which drift KL is measured, the same for every algorithm
 DRIFT_KERNEL_NOISE = 0.7
@@ -52,9 +52,52 @@ def drift_kl(backend: FlowBackend, policy: FlowPolicy, td: TensorDict, autocast:
     return gaussian_kl(loc_now, loc_ref, std).mean()
 
 
-def trajectory_drift(backend: FlowBackend, policy: FlowPolicy, traj: TensorDict, autocast: Callable[[], ContextManager[Any]]) -> list[torch.Tensor]:
-    """``drift_kl`` at every step of ``traj`` but the last, one step (one reference forward) at a time."""
-    return [drift_kl(backend, policy, traj[:, k], autocast) for k in range(traj.batch_size[1] - 1)]
+def drift_sample_indices(batch: int, samples: int | None) -> torch.Tensor | None:
+    """The rows of a ``batch``-sample rollout that the drift estimate reads: ``samples`` evenly spaced
+    indices ``floor(i * batch / samples)`` (groups are contiguous, so ``samples`` = the number of
+    groups takes one sample of each), or None (every sample) when ``samples`` is None or >= ``batch``."""
+    if samples is None or samples >= batch:
+        return None
+    if samples < 1:
+        raise ValueError(f"trainer.drift_samples must be >= 1 or null (every sample); got {samples}")
+    return torch.div(torch.arange(samples) * batch, samples, rounding_mode="floor")
+
+
+def trajectory_drift(
+    backend: FlowBackend,
+    policy: FlowPolicy,
+    traj: TensorDict,
+    autocast: Callable[[], ContextManager[Any]],
+    *,
+    samples: torch.Tensor | None = None,
+    rows_per_forward: int | None = None,
+) -> torch.Tensor:
+    """The drift KL of a ``[B, K]`` trajectory: ``drift_kl`` over every (sample, step) state but the
+    last step's, as one mean over all those rows (each step has the same B rows, so it equals the
+    mean of the per-step means).
+
+    The states of all steps go through the reference model together, ``rows_per_forward`` rows per
+    forward (None: all at once; bound it for large models), instead of one small forward per step.
+    ``samples`` (indices into B) restricts the estimate to those samples: an unbiased estimate of the
+    full-batch mean over the sampled trajectories; its standard error is the spread of the per-sample
+    mean KL over sqrt(len(samples)), larger than the row-level spread suggests because the steps of
+    one trajectory are correlated.
+    """
+    B, K = traj.batch_size
+    chosen = torch.arange(B) if samples is None else samples.cpu()
+    # (sample, step) pairs, gathered one chunk at a time: the expanded conditioning is never copied K times
+    sample_of_row = chosen.repeat_interleave(K - 1).to(traj.device)
+    step_of_row = torch.arange(K - 1).repeat(len(chosen)).to(traj.device)
+    num_rows = sample_of_row.numel()
+    chunk = num_rows if rows_per_forward is None else int(rows_per_forward)
+    if chunk < 1:
+        raise ValueError(f"trainer.drift_rows_per_forward must be >= 1 or null (all at once); got {rows_per_forward}")
+    states = traj.select("latent", "sigma", "sigma_next", "velocity", "conditioning")
+    total = torch.zeros((), device=traj.device)
+    for start in range(0, num_rows, chunk):
+        rows = states[sample_of_row[start : start + chunk], step_of_row[start : start + chunk]]
+        total = total + drift_kl(backend, policy, rows, autocast) * rows.batch_size[0]
+    return total / max(num_rows, 1)
 
 
 class Evaluator:
@@ -68,6 +111,7 @@ class Evaluator:
         batch_size: samples per evaluation episode (None: a whole split at once).
         seed: the evaluation envs' seeds are ``seed + 1000 + chunk start``.
         autocast: the strategy's context for model forwards.
+        drift_rows_per_forward: states per reference forward of the drift KL (None: a chunk's all at once).
     """
 
     def __init__(
@@ -83,13 +127,14 @@ class Evaluator:
         autocast: Callable[[], ContextManager[Any]],
         batch_size: int | None = None,
         guidance_scale: float | None = None,
+        drift_rows_per_forward: int | None = None,
     ) -> None:
         self.policy = policy if guidance_scale is None else policy.with_guidance(guidance_scale)
         self.backend = policy.backend
         self.rewards = rewards
         self.eval_sets = {name: list(prompts) for name, prompts in eval_sets.items()}
         self.num_steps, self.shift, self.device, self.seed = int(num_steps), shift, device, int(seed)
-        self.batch_size = batch_size
+        self.batch_size, self.drift_rows_per_forward = batch_size, drift_rows_per_forward
         self.autocast = autocast
         #: ``{split: (images (N, C, H, W) in [0, 1], prompts)}`` of the last evaluation (for sample grids)
         self.samples: dict[str, tuple[torch.Tensor, list[str]]] = {}
@@ -122,7 +167,7 @@ class Evaluator:
             request = TensorDict({}, batch_size=env.batch_size, device=self.device)
             request.set("prompt", NonTensorStack(*part, batch_size=env.batch_size))
             traj = self.rollout(env, request)
-            drift.extend(trajectory_drift(self.backend, self.policy, traj, self.autocast))
+            drift.append(trajectory_drift(self.backend, self.policy, traj, self.autocast, rows_per_forward=self.drift_rows_per_forward))
             reward, reward_terms = final_rewards(traj)
             rewards.append(reward)
             for name, value in reward_terms.items():

@@ -89,12 +89,12 @@ def main(cfg: DictConfig) -> float:
             check_same_run(resume_dir, cfg)
         container = OmegaConf.to_container(cfg, resolve=True)
         trainer = Trainer(container, resume_dir or run_dir)
+        if resume_dir is not None:
+            trainer.resume()  # falls back past a broken checkpoint to the newest intact one, naming it
+            print(f"resumed {resume_dir} at iteration {trainer.iteration}")
     except Exception:
         remove_bare_folder(run_dir)  # a run that never started leaves no empty folder behind
         raise
-    if resume_dir is not None:
-        trainer.resume()
-        print(f"resumed {resume_dir} at iteration {trainer.iteration}")
     rows = trainer.train()
     if resume_dir is not None:
         remove_bare_folder(run_dir, keep_log_in=resume_dir)

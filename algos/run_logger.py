@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from algos.config import LoggerConfig
 __all__ = ["LOGGER_BACKENDS", "RunLogger"]
 
 LOGGER_BACKENDS = ("csv", "tensorboard", "wandb")
+_log = logging.getLogger(__name__)
 
 
 class RunLogger:
@@ -77,13 +79,34 @@ class RunLogger:
                 logger.experiment.log({name: wandb.Image(image), "trainer/step": int(iteration)})
 
     def read(self, iteration: int) -> list[dict[str, Any]]:
-        """Rows already logged up to ``iteration`` (later rows of a crashed run are dropped from the file)."""
+        """Rows already logged up to ``iteration`` (later rows of a crashed run are dropped from the file).
+
+        A torn last line (a crash in the middle of a write) is dropped with a warning; any other line
+        that is not a JSON row is a ``ValueError`` naming the file and the line.
+        """
         if not self.metrics_path.exists():
             return []
-        rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        rows = self._parse() if iteration > 0 else []
         rows = [r for r in rows if r["iteration"] <= iteration]
-        if iteration == 0:
-            rows = []
         if self.enabled:
             self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return rows
+
+    def _parse(self) -> list[dict[str, Any]]:
+        lines = [(number, line) for number, line in enumerate(self.metrics_path.read_text().splitlines(), 1) if line.strip()]
+        rows = []
+        for index, (number, line) in enumerate(lines):
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("iteration"), int):
+                    raise ValueError("not a row with an integer 'iteration'")
+            except ValueError as error:
+                if index == len(lines) - 1:
+                    _log.warning("%s: dropping its torn last line %d (a write cut short by a crash): %.80s", self.metrics_path, number, line)
+                    break
+                raise ValueError(
+                    f"{self.metrics_path}:{number} is not a metrics row ({error}); only a torn last line is "
+                    "dropped on resume: repair or delete that line"
+                ) from None
+            rows.append(row)
         return rows

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -39,7 +40,7 @@ import torch
 from tensordict import TensorDict
 
 from algos.advantages import ADVANTAGES, make_advantage
-from algos.checkpoint import latest_checkpoint, load_checkpoint
+from algos.checkpoint import CheckpointError, complete_checkpoints, load_checkpoint, mark_broken
 from algos.config import (
     POLICY_KEYS,
     RunConfig,
@@ -51,7 +52,7 @@ from algos.config import (
 )
 from algos.ema import ParameterEMA
 from algos.health import check_finite, check_rollout
-from algos.evaluation import Evaluator, drift_kl, final_rewards, trajectory_drift
+from algos.evaluation import Evaluator, drift_kl, drift_sample_indices, final_rewards, trajectory_drift
 from algos.losses import SAMPLES, get_loss_class
 from algos.losses.sample_base import batch_kind
 from algos.run_logger import RunLogger
@@ -60,11 +61,14 @@ from algos.strategy import SingleDevice, Strategy
 from algos.updater import Updater
 from flowgym.env import FlowDenoiseEnv, resolve_prompts
 from flowgym.policy import FlowPolicy
-from flowgym.registration import env_arguments_with_defaults, make_env
+from flowgym.registration import check_policy_arguments, env_arguments_with_defaults, make_env
 from flowgym.registry import import_plugin
 
 __all__ = ["Trainer", "validate_config"]
 
+_log = logging.getLogger(__name__)
+#: the entries of a checkpoint's state.pt that resume needs (see ``Trainer.state``)
+_STATE_KEYS = ("iteration", "optimizer", "rng")
 _STEP_KEYS = ("latent", "sigma", "sigma_next", "stochastic", "step", "action", "sample_log_prob", "loc", "scale", "velocity")
 
 
@@ -73,6 +77,30 @@ def _policy_arguments(cfg: RunConfig, loss_class: type) -> dict[str, Any]:
     ``FlowPolicy``'s own defaults."""
     given = {key: getattr(cfg.algo, key) for key in POLICY_KEYS if getattr(cfg.algo, key) is not None}
     return {**dict(loss_class.policy_defaults), **given}
+
+
+def _accepted_keywords(builder: Any) -> list[str] | None:
+    """The keyword arguments ``builder`` (a class or a function) accepts, following ``**kwargs`` up a
+    class's bases; None when that cannot be told (a ``**kwargs`` that reaches outside the project)."""
+    names: list[str] = []
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    functions = [k.__init__ for k in builder.__mro__ if "__init__" in vars(k)] if isinstance(builder, type) else [builder]
+    for function in functions:
+        if not getattr(function, "__module__", "").startswith(("algos", "flowgym")):
+            return None
+        parameters = inspect.signature(function).parameters.values()
+        names += [p.name for p in parameters if p.kind in kinds and p.name not in ("self", "policy") and p.name not in names]
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            return names
+    return None
+
+
+def _check_keywords(builder: Any, given: Mapping[str, Any], where: str) -> None:
+    """An unknown key of a free-form config section, named with the accepted ones before any work."""
+    accepted = _accepted_keywords(builder)
+    unknown = sorted(set(given) - set(accepted)) if accepted is not None else []
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; accepted keys of {where}: {sorted(accepted)}")
 
 
 class Trainer:
@@ -94,12 +122,15 @@ class Trainer:
         loss_class = get_loss_class(a.name)
         advantage_name = a.advantage or loss_class.default_advantage
         advantage_kwargs = dict(a.advantage_kwargs)
+        _check_keywords(ADVANTAGES.lookup(advantage_name), advantage_kwargs, "algo.advantage_kwargs")
+        _check_keywords(loss_class, a.loss, "algo.loss")
         if "weights" in inspect.signature(ADVANTAGES.lookup(advantage_name)).parameters:
             advantage_kwargs.setdefault("weights", dict(cfg.reward.weights) or None)  # GDPO weighs the terms like the env
         self.advantage = make_advantage(advantage_name, **advantage_kwargs)
         #: what the update trains on: "transitions" ((sample, step) pairs) or "samples" (clean x0 per sample)
         self.batch_kind = batch_kind(loss_class)
         policy_arguments = _policy_arguments(cfg, loss_class)
+        check_policy_arguments(policy_arguments, prefix="algo.")  # with the loss's defaults (CPS: eta in [0, 1])
         env_args = env_arguments(e)
         if self.batch_kind == SAMPLES and policy_arguments.get("kernel") == "ode":
             # a per-sample method sampling with the ODE: no rollout step draws noise (for these
@@ -146,7 +177,7 @@ class Trainer:
         self.evaluator = Evaluator(
             self.policy, self.env.rewards, self._eval_sets(), num_steps=t.eval_num_steps or self.env.num_steps,
             shift=self.env.shift, device=self.device, seed=seed, autocast=self.strategy.autocast,
-            batch_size=t.eval_batch_size, guidance_scale=t.eval_guidance_scale,
+            batch_size=t.eval_batch_size, guidance_scale=t.eval_guidance_scale, drift_rows_per_forward=t.drift_rows_per_forward,
         )
         self.iteration = 0
         self.checkpoint_dir = self.run_dir / "checkpoints"
@@ -207,11 +238,11 @@ class Trainer:
     def _collect_episode(self) -> dict[str, Any]:
         with self.strategy.autocast(), self._sampling():
             traj = self.env.rollout(self.env.num_steps, self.policy)
-        drift = trajectory_drift(self.backend, self.policy, traj, self.strategy.autocast) if self.cfg.trainer.drift_every_iteration else []
+        drift = self.rollout_drift(traj)
         reward, reward_terms = final_rewards(traj)
         check_rollout(traj, reward, reward_terms, self.iteration + 1)
         return {
-            "drift_kl": float(torch.stack(drift).mean()) if drift else float("nan"),
+            "drift_kl": float(drift),
             "trajectory": traj.select(*_STEP_KEYS),  # [B, K]
             "conditioning": traj.get("conditioning")[:, 0],
             "reward": reward,
@@ -219,6 +250,15 @@ class Trainer:
             "prompts": traj.get("prompt")[:, 0].tolist(),
             "group_id": traj.get("group_id")[:, 0].contiguous(),
         }
+
+    def rollout_drift(self, traj: TensorDict) -> torch.Tensor:
+        """The drift KL of this iteration's rollout (NaN where the config skips it: ``trainer.drift_*``)."""
+        t = self.cfg.trainer
+        if not t.drift_every_iteration or (self.iteration + 1) % t.drift_every:
+            return torch.tensor(float("nan"))
+        samples = drift_sample_indices(traj.batch_size[0], t.drift_samples)
+        return trajectory_drift(self.backend, self.policy, traj, self.strategy.autocast, samples=samples,
+                                rows_per_forward=t.drift_rows_per_forward)
 
     def drift_kl(self, td: TensorDict) -> torch.Tensor:
         """The drift KL of the training policy at ``td``'s states (``algos.evaluation.drift_kl``)."""
@@ -377,33 +417,77 @@ class Trainer:
         return self.strategy.save_checkpoint(self.checkpoint_dir, self.iteration, self.backend.trainable_state_dict(), self.state())
 
     def resume(self, path: str | Path | None = None) -> bool:
-        """Load the newest complete checkpoint (of this run, or under ``path``); False if none."""
+        """Load the newest intact checkpoint (of this run, or under ``path``); False if there is none.
+
+        A checkpoint that cannot be read (truncated or garbage file, missing state entry) is reported
+        (a warning naming the file and what is wrong), renamed to ``<name>.broken`` and the next older
+        one is tried; ``CheckpointError`` when none is intact. A checkpoint folder given as ``path``
+        is loaded as is (no fallback). A checkpoint that reads fine but does not fit this run (other
+        trained parameters) is a ``ValueError`` naming it.
+        """
         directory = Path(path) if path is not None else self.checkpoint_dir
         if (directory / "checkpoints").is_dir():
             directory = directory / "checkpoints"
-        checkpoint = latest_checkpoint(directory) if not (directory / "COMPLETE").exists() else directory
-        if checkpoint is None:
+        explicit = (directory / "COMPLETE").exists()
+        candidates = [directory] if explicit else complete_checkpoints(directory)
+        if not candidates:
             return False
-        weights, state = load_checkpoint(checkpoint, device=self.device)
+        broken: list[str] = []
+        for checkpoint in candidates:
+            try:
+                weights, state = load_checkpoint(checkpoint, device=self.device, required=_STATE_KEYS)
+                self._check_state(checkpoint, weights, state)
+            except CheckpointError as error:
+                if explicit:
+                    raise
+                broken.append(str(error))
+                moved = mark_broken(checkpoint) if self.strategy.is_main else checkpoint
+                _log.warning("broken checkpoint %s, renamed %s: %s", checkpoint, moved.name, error)
+                continue
+            self._load_state(checkpoint, weights, state)
+            if broken:
+                _log.warning("resumed from %s, the newest intact checkpoint", checkpoint)
+            return True
+        raise CheckpointError(f"no intact checkpoint under {directory}: " + "; ".join(broken))
+
+    def _check_state(self, checkpoint: Path, weights: Mapping[str, torch.Tensor], state: Mapping[str, Any]) -> None:
+        """What ``_load_state`` relies on, checked before anything is changed."""
+        optimizer, rng = state["optimizer"], state["rng"]
+        if not (isinstance(optimizer, dict) and {"state", "param_groups"} <= set(optimizer)):
+            raise CheckpointError(f"{checkpoint}/state.pt: its 'optimizer' entry is not an optimizer state")
+        if not (isinstance(rng, dict) and {"torch", "env", "policy", "shuffle"} <= set(rng)):
+            raise CheckpointError(f"{checkpoint}/state.pt: its 'rng' entry lacks the torch / env / policy / shuffle states")
+        if self.batch_kind == SAMPLES and state.get("loss") is None:
+            raise CheckpointError(f"{checkpoint}/state.pt holds no state of the {self.cfg.algo.name!r} loss (its old / EMA policy copies)")
+        ours = self.backend.trainable_state_dict()
+        if set(weights) != set(ours) or any(weights[k].shape != v.shape for k, v in ours.items()):
+            raise ValueError(
+                f"{checkpoint}/weights.safetensors holds other trained parameters than this run's "
+                f"({len(weights)} tensors, this run trains {len(ours)}): a checkpoint of another env.backend "
+                "or algo configuration; resume it with the config it was written with, or start a new run"
+            )
+        groups = [len(group["params"]) for group in optimizer["param_groups"]]
+        if groups != [len(group["params"]) for group in self.optimizer.param_groups]:
+            raise ValueError(f"{checkpoint}/state.pt: its optimizer state holds {groups} parameters per group; "
+                             "this run's optimizer does not (a checkpoint of another configuration)")
+
+    def _load_state(self, checkpoint: Path, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         self.backend.load_trainable_state_dict(weights)
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.ema is not None and state["ema"] is not None:
+        if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         with torch.no_grad():
-            for name, value in state["extra_params"].items():
+            for name, value in (state.get("extra_params") or {}).items():
                 self.extra_params[name].copy_(value)
         if state.get("advantage") is not None and hasattr(self.advantage, "load_state_dict"):
             self.advantage.load_state_dict(state["advantage"])
         if self.batch_kind == SAMPLES:
-            if state.get("loss") is None:
-                raise ValueError(f"{checkpoint} holds no state of the {self.cfg.algo.name!r} loss (its old / EMA policy copies)")
             self.loss_module.load_training_state(state["loss"])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         self.env.set_generator_state(rng["env"])
         self.policy.set_generator_state(rng["policy"])
         self.updater.shuffle_generator.set_state(rng["shuffle"])
-        if rng["cuda"] and torch.cuda.is_available():
+        if rng.get("cuda") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.iteration = int(state["iteration"])
-        return True

@@ -44,6 +44,7 @@ from torchrl.envs import EnvBase
 
 from flowgym.backends.base import FlowBackend
 from flowgym.backends.prompts import load_prompts
+from flowgym.hub import resolve_device
 from flowgym.rewards import RewardComposer
 from flowgym.schedules import make_sigmas
 from flowgym.td_utils import as_string_list, set_prebuilt, stack_non_tensors
@@ -194,7 +195,7 @@ class FlowDenoiseEnv(EnvBase):
         for name, value, low in (("num_prompts", num_prompts, 1), ("group_size", group_size, 1), ("num_steps", num_steps, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
-        device = torch.device(device) if device is not None else backend.device
+        device = resolve_device(device) if device is not None else backend.device  # no CUDA: a clear ValueError
         batch = num_prompts * group_size
         super().__init__(device=device, batch_size=torch.Size([batch]))
         self.backend = backend

@@ -10,20 +10,29 @@ environment's arguments (what configs do: ``env.backend`` stays nested). The gym
 ways: the family's options, ``FlowPolicy`` arguments (the env's policy defaults, used by
 ``env.make_policy()``) and the environment's own arguments; anything else is an error naming what
 is accepted.
+
+Every factory checks what it is given before any model is built: ``check_policy_arguments`` (the
+kernel, a finite noise level in the kernel's range, the guidance, the reductions) and
+``flowgym.hub.resolve_device`` (a CUDA device asked for on a machine without CUDA is a
+``ValueError``, not torch's assertion deep in the backend).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
+import typing
 from typing import Any, Mapping
 
 import gymnasium as gym
 
 from flowgym.backends.base import BACKENDS, FlowBackend, backend_class
 from flowgym.env import FlowDenoiseEnv
+from flowgym.hub import resolve_device
+from flowgym.kernels import KERNELS
 from flowgym.policy import FlowPolicy
 
-__all__ = ["env_arguments_with_defaults", "env_ids", "make_backend", "make_env", "make_gym_env", "make_vector_env", "register_envs", "split_options"]
+__all__ = ["NOISE_LEVEL_RANGES", "check_device", "check_policy_arguments", "env_arguments_with_defaults", "env_ids", "make_backend", "make_env", "make_gym_env", "make_vector_env", "register_envs", "split_options"]
 
 
 def _keyword_names(function: Any, exclude: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -41,6 +50,64 @@ ENV_DEFAULTS = {
 }
 POLICY_ARGUMENTS = tuple(k for k in _keyword_names(FlowPolicy.__init__, exclude=("self", "backend")) if k not in ENV_ARGUMENTS)
 
+#: the noise levels a kernel is defined for, ``(low, high)`` inclusive; other kernels take any finite
+#: level >= 0. CPS's eta: std = sigma_next sin(eta pi / 2) leaves [0, sigma_next] outside [0, 1]
+#: (eta = 2 gives a zero std, eta > 2 a negative one)
+NOISE_LEVEL_RANGES: dict[str, tuple[float, float]] = {"cps": (0.0, 1.0)}
+
+
+_POLICY_CHOICES = {"reduce": ("mean", "sum"), "log_prob_convention": ("exact", "cps_legacy")}
+
+
+def _literal_choices(name: str) -> tuple[str, ...]:
+    """The choices of a ``Literal``-typed ``FlowPolicy`` argument (``reduce``, ``log_prob_convention``),
+    read from its signature (the values above if the annotations cannot be resolved)."""
+    try:
+        return typing.get_args(typing.get_type_hints(FlowPolicy.__init__)[name]) or _POLICY_CHOICES[name]
+    except Exception:  # an annotation only importable under TYPE_CHECKING
+        return _POLICY_CHOICES[name]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_policy_arguments(arguments: Mapping[str, Any], prefix: str = "") -> None:
+    """``ValueError`` naming the argument (``prefix`` + its name) and what is accepted, for the
+    ``FlowPolicy`` arguments among ``arguments`` that cannot work: an unknown kernel, a noise level or
+    guidance scale that is not a finite number >= 0, a noise level outside the kernel's range
+    (``NOISE_LEVEL_RANGES``), an unknown ``reduce`` / ``log_prob_convention``. No model is needed."""
+    kernel = arguments.get("kernel")
+    if kernel is not None and kernel not in KERNELS:
+        raise ValueError(f"{prefix}kernel={kernel!r} is not a kernel; accepted: {sorted(KERNELS)}")
+    for key in ("noise_level", "guidance_scale"):
+        value = arguments.get(key)
+        if value is not None and not (_is_number(value) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{prefix}{key} must be a finite number >= 0; got {value!r}")
+    level = arguments.get("noise_level")
+    kernel = kernel or "flow_sde"  # FlowPolicy's default
+    if level is not None and kernel in NOISE_LEVEL_RANGES:
+        low, high = NOISE_LEVEL_RANGES[kernel]
+        if not low <= level <= high:
+            raise ValueError(
+                f"{prefix}noise_level={level!r} is outside the {kernel!r} kernel's range [{low:g}, {high:g}] "
+                f"(its std is sigma_next * sin(eta pi / 2)); accepted: a number in [{low:g}, {high:g}]"
+            )
+    for key in ("reduce", "log_prob_convention"):
+        value = arguments.get(key)
+        if value is not None and value not in _literal_choices(key):
+            raise ValueError(f"{prefix}{key}={value!r} is not accepted; accepted: {list(_literal_choices(key))}")
+
+
+def check_device(device: Any, key: str = "device") -> None:
+    """``ValueError`` naming ``key`` for a device that does not exist here (``flowgym.hub.resolve_device``)."""
+    if device is None:
+        return
+    try:
+        resolve_device(device)
+    except ValueError as error:
+        raise ValueError(str(error) if key == "device" else f"{key}: {error}") from None
+
 
 def make_backend(name: str, **options: Any) -> FlowBackend:
     """Build the backend of family ``name`` from its options (``ValueError`` for one it does not accept)."""
@@ -48,6 +115,7 @@ def make_backend(name: str, **options: Any) -> FlowBackend:
     unknown = sorted(set(options) - set(cls.options()))
     if unknown:
         raise ValueError(f"backend {name!r} does not accept {unknown}; accepted options: {sorted(cls.options())}")
+    check_device(options.get("device"))
     return cls.from_config(**options)
 
 
@@ -75,6 +143,9 @@ def split_options(
             f"unknown argument(s) {unknown} for the {name!r} environment; accepted: its backend options "
             f"{sorted(cls.options())}, the policy's {sorted(POLICY_ARGUMENTS)} and the environment's {sorted(accepted)}"
         )
+    check_policy_arguments(policy_defaults)
+    check_device(backend_options.get("device"))
+    check_device(kwargs.get("device"))
     env_kwargs = {**dict(cls.env_defaults), **kwargs}
     if "device" in backend_options and "device" not in env_kwargs:
         env_kwargs["device"] = backend_options["device"]

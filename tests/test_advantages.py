@@ -174,7 +174,7 @@ def test_registry_uniform_interface():
     prompts = ["a", "a", "a", "b", "b", "b"]
     groups = torch.tensor([0, 0, 0, 1, 1, 1])
     assert {"group", "group_std", "per_prompt", "gdpo"} <= set(ADVANTAGES)
-    for name in ADVANTAGES:
+    for name in (n for n in ADVANTAGES if not n.startswith("test_")):  # other test files register probes
         estimator = make_advantage(name)
         out = estimator(rewards, terms, prompts, groups)
         assert out.shape == (6,) and out.dtype == torch.float32 and torch.isfinite(out).all()

@@ -63,7 +63,7 @@ def test_update_checks():
         check_update(torch.tensor(0.0), torch.tensor(float("inf")), 0, 0, 1)
 
 
-@pytest.mark.parametrize("name", sorted(ADVANTAGES))
+@pytest.mark.parametrize("name", sorted(n for n in ADVANTAGES if not n.startswith("test_")))  # not other tests' probes
 def test_an_all_equal_reward_group_gives_zero_advantages(name):
     advantage = make_advantage(name)(torch.full((8,), 0.25), {"a": torch.full((8,), 0.25), "b": torch.zeros(8)},
                                      ["p"] * 4 + ["q"] * 4, torch.tensor([0] * 4 + [1] * 4))

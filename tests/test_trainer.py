@@ -57,7 +57,9 @@ def test_every_algorithm_trains_and_logs(algo, tmp_path):
         for key in ("reward", "reward/digit_alignment", "loss_objective", "ratio_mean", "approx_kl",
                     "kl_old_new_mean", "frac_over_threshold", "drift_kl"):
             assert row.get(key) is not None, (key, row)
-    assert rows[1]["drift_kl"] == 0.0  # the first rollout is collected by the pretrained policy
+    # the first rollout is collected by the pretrained policy: zero up to the rounding of a reference
+    # forward over all steps' states at once (another batch than the rollout's per-step forwards)
+    assert abs(rows[1]["drift_kl"]) < 1e-10
     assert rows[2]["drift_kl"] > 0.0
     assert "eval/heldout/digit_accuracy" in rows[2] and "eval/train/drift_kl" in rows[2]
     assert latest_checkpoint(tmp_path / "checkpoints").name == "iter-000002"
@@ -181,7 +183,7 @@ def test_chunked_evaluation_matches_whole(tmp_path):
     assert whole.keys() == chunked_metrics.keys()
     # same prompts, same pretrained model; the initial noise differs per chunk, so compare loosely
     assert abs(whole["eval/train/digit_accuracy"] - chunked_metrics["eval/train/digit_accuracy"]) <= 0.5
-    assert chunked_metrics["eval/train/drift_kl"] == 0.0
+    assert abs(chunked_metrics["eval/train/drift_kl"]) < 1e-10  # the pretrained model, up to rounding
 
 
 def test_unknown_or_missing_logger_backend_is_a_clear_error(tmp_path):

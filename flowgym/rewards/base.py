@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import math
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -11,12 +13,27 @@ from flowgym.registry import Registry
 
 __all__ = ["REWARDS", "Reward", "check_reward_batch", "RewardComposer", "available_rewards", "make_reward", "register_reward"]
 
-def check_reward_batch(images: Tensor, prompts: Sequence[str]) -> None:
-    """``ValueError`` unless ``images`` is ``(B, C, H, W)`` with one prompt per image."""
+def check_reward_batch(images: Tensor, prompts: Sequence[str] | None) -> None:
+    """``ValueError`` unless ``images`` is ``(B, C, H, W)`` with at least one channel and pixel, every
+    pixel finite, and one prompt per image (``prompts=None``: a prompt-free reward, not checked).
+
+    A reward of an image with NaN or inf pixels is undefined (a classifier's softmax turns it into
+    NaN, a clamp or a JPEG encoder into an arbitrary number), so it is an error, not a value. The
+    finiteness check costs one device sync per call.
+    """
     if images.ndim != 4:
         raise ValueError(f"images must have shape (B, C, H, W); got {tuple(images.shape)}")
-    if len(prompts) != images.shape[0]:
+    if prompts is not None and len(prompts) != images.shape[0]:
         raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts")
+    if 0 in images.shape[1:]:
+        raise ValueError(f"images must have at least one channel and one pixel; got shape {tuple(images.shape)}")
+    if images.is_floating_point() and images.numel() and not bool(torch.isfinite(images).all()):
+        bad = (~torch.isfinite(images)).flatten(1).any(dim=1)
+        kind = " and ".join(w for w, f in (("NaN", torch.isnan), ("inf", torch.isinf)) if bool(f(images).any()))
+        raise ValueError(
+            f"images hold {kind} pixels in {int(bad.sum())} of {images.shape[0]} images (first: index "
+            f"{int(bad.nonzero()[0])}); a reward is undefined on them (a diverged sampler?)"
+        )
 
 
 class Reward:
@@ -51,8 +68,19 @@ def available_rewards() -> list[str]:
 
 
 def make_reward(name: str, **kwargs) -> Reward:
-    """Build the reward registered as ``name`` with keyword arguments ``kwargs``."""
-    reward = REWARDS.lookup(name)(**kwargs)
+    """Build the reward registered as ``name`` with keyword arguments ``kwargs`` (an argument it does
+    not take is a ``ValueError`` naming it and the accepted ones)."""
+    builder = REWARDS.lookup(name)
+    try:
+        parameters = inspect.signature(builder).parameters.values()
+    except (TypeError, ValueError):  # a builder without a signature: let it check its arguments
+        parameters = None
+    if parameters is not None and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        accepted = [p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise ValueError(f"reward {name!r} does not take {unknown}; accepted: {accepted or 'no arguments'}")
+    reward = builder(**kwargs)
     reward.name = name
     return reward
 
@@ -80,6 +108,8 @@ class RewardComposer:
                 reward, weight = spec
             else:
                 reward, weight = make_reward(name, **dict(kwargs.get(name, {}))), spec
+            if not (isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)):
+                raise ValueError(f"the weight of reward {name!r} must be a finite number; got {weight!r}")
             self.rewards[name] = reward
             self.weights[name] = float(weight)
         unknown = sorted(set(kwargs) - set(self.rewards))

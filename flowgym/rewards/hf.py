@@ -51,7 +51,7 @@ from flowgym.hub import (
     resolve_device,
     resolve_dtype,
 )
-from flowgym.rewards.base import Reward, register_reward
+from flowgym.rewards.base import Reward, check_reward_batch, register_reward
 
 __all__ = [
     "AestheticHead",
@@ -184,6 +184,7 @@ class _CLIPReward(Reward):
     def _check(self, images: Tensor, prompts: Sequence[str]) -> None:
         if isinstance(prompts, str) or len(prompts) != images.shape[0]:
             raise ValueError(f"need one prompt per image: {images.shape[0]} images, prompts={prompts!r:.80}")
+        check_reward_batch(images, prompts)
 
 
 @register_reward("clip_score")
@@ -366,5 +367,6 @@ class AestheticReward(_CLIPReward):
 
     @torch.no_grad()
     def __call__(self, images: Tensor, prompts: Sequence[str] | None = None) -> Tensor:
+        check_reward_batch(images, None)  # the prompts are not used
         embeds = F.normalize(self.image_embeds(images), dim=-1)
         return self.head(embeds).float().to(images.device)

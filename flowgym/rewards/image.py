@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from flowgym.rewards.base import Reward, register_reward
+from flowgym.rewards.base import Reward, check_reward_batch, register_reward
 
 __all__ = ["JpegCompressibilityReward", "JpegIncompressibilityReward", "jpeg_size_kb"]
 
@@ -66,8 +66,7 @@ class _JpegReward(Reward):
         self.quality = int(quality)
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts")
+        check_reward_batch(images, prompts)
         return (self.sign * self.scale * jpeg_size_kb(images, self.quality)).to(images.device)
 
 

@@ -25,7 +25,7 @@ from flowgym.backends.compose.model import (
     tokenize,
 )
 from flowgym.backends.sampling import sample_ode
-from flowgym.hub import parse_dtype
+from flowgym.hub import parse_dtype, resolve_device
 
 __all__ = [
     "DEFAULT_GUIDANCE",
@@ -82,7 +82,7 @@ class ComposeBackend(FlowBackend):
         lora_targets: Sequence[str] = SD3_LORA_TARGETS,
     ) -> None:
         super().__init__()
-        dtype = parse_dtype(dtype)
+        device, dtype = resolve_device(device), parse_dtype(dtype)  # a clear error before the weights load
         check_lora_rank(lora_rank)
         self.weights_path = resolve_weights(weights, FLOW_FILE)
         folder = self.weights_path.parent

@@ -24,7 +24,7 @@ from flowgym.backends.digits.core import (
 )
 from flowgym.backends.digits.metrics import digits_prior_capability
 from flowgym.backends.sampling import sample_ode
-from flowgym.hub import parse_dtype
+from flowgym.hub import parse_dtype, resolve_device
 
 __all__ = ["DigitsBackend", "sample_ode"]
 
@@ -52,8 +52,9 @@ class DigitsBackend(FlowBackend):
         dtype: torch.dtype | str = torch.float32,
     ) -> None:
         super().__init__()
+        device, dtype = resolve_device(device), parse_dtype(dtype)  # a clear error before the weights load
         self.weights_path = resolve_weights(weights, FLOW_FILE)
-        self.model = load_module(self.weights_path, DigitVelocityNet).to(device=device, dtype=parse_dtype(dtype))
+        self.model = load_module(self.weights_path, DigitVelocityNet).to(device=device, dtype=dtype)
         self.model.eval()
         self.snapshot_reference()
 

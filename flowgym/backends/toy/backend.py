@@ -13,6 +13,7 @@ from tensordict import TensorDict
 from torch import Tensor, nn
 
 from flowgym.backends.base import FlowBackend, register_backend
+from flowgym.hub import resolve_device
 
 __all__ = ["ToyBackend"]
 
@@ -46,6 +47,7 @@ class ToyBackend(FlowBackend):
         device: torch.device | str = "cpu",
     ) -> None:
         super().__init__()
+        device = resolve_device(device)  # a CUDA device on a machine without CUDA: a clear ValueError
         self.latent_shape = tuple(int(d) for d in latent_shape)
         self.num_buckets = num_buckets
         numel = 1
