@@ -70,6 +70,8 @@ class TrainerConfig:
     eval_num_steps: Optional[int] = None  # None = env.num_steps (the SD3.5 recipes evaluate with 40 ODE steps)
     eval_guidance_scale: Optional[float] = None  # None = the training policy's guidance
     eval_batch_size: Optional[int] = None  # evaluate in chunks of this many samples; None = all at once
+    # score each rollout batch in a background thread while the next one is sampled (rollout_batches > 1)
+    async_rewards: bool = False
     drift_every_iteration: bool = True  # drift KL to the reference on each rollout (one reference forward over its states)
     drift_every: int = 1  # ... on every n-th iteration only (the others log NaN)
     drift_samples: Optional[int] = None  # ... on this many samples, evenly spaced (= num_prompts: one per group); None = all

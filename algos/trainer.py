@@ -33,6 +33,7 @@ import contextlib
 import inspect
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -216,7 +217,11 @@ class Trainer:
         episodes per iteration give a large rollout (48 prompts x 24 samples) at a batch that fits.
         """
         self.env.iteration = self.iteration  # the clock of a sliding stochastic window (MixGRPO)
-        episodes = [self._collect_episode() for _ in range(self.cfg.trainer.rollout_batches)]
+        batches = self.cfg.trainer.rollout_batches
+        if self.cfg.trainer.async_rewards and batches > 1:
+            episodes = self._collect_overlapped(batches)
+        else:
+            episodes = [self._collect_episode() for _ in range(batches)]
         if len(episodes) == 1:
             return episodes[0]
         offset = self.env.num_prompts
@@ -235,11 +240,35 @@ class Trainer:
         """The context rollouts are collected in: the loss's ``sampling()`` for a per-sample loss."""
         return self.loss_module.sampling() if self.batch_kind == SAMPLES else contextlib.nullcontext()
 
-    def _collect_episode(self) -> dict[str, Any]:
+    def _rollout(self) -> TensorDict:
         with self.strategy.autocast(), self._sampling():
-            traj = self.env.rollout(self.env.num_steps, self.policy)
-        drift = self.rollout_drift(traj)
-        reward, reward_terms = final_rewards(traj)
+            return self.env.rollout(self.env.num_steps, self.policy)
+
+    def _collect_episode(self) -> dict[str, Any]:
+        traj = self._rollout()
+        return self._episode(traj, self.rollout_drift(traj), *final_rewards(traj))
+
+    def _collect_overlapped(self, batches: int) -> list[dict[str, Any]]:
+        """``batches`` episodes whose rewards are computed in a background thread while the next
+        episode is sampled (``trainer.async_rewards``): the same rewards, in less wall time when the
+        reward is a server or a model that leaves the sampler's device or cores free."""
+        pending = []
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowgym-rewards") as pool:
+            for _ in range(batches):
+                with self.env.rewards_deferred():
+                    traj = self._rollout()
+                scored = pool.submit(self._score, self.env.last_images, list(self.env.episode.prompts))
+                pending.append((traj, self.rollout_drift(traj), scored))
+            return [self._episode(traj, drift, *scored.result()) for traj, drift, scored in pending]
+
+    def _score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The rewards of one episode's images, as ``FlowDenoiseEnv.finish_episode`` computes them."""
+        device = self.env.device
+        with torch.no_grad(), torch.autocast(device_type=images.device.type, enabled=False):
+            total, terms = self.env.rewards(images, prompts)
+        return total.to(device).reshape(-1).contiguous(), {k: v.to(device).reshape(-1).contiguous() for k, v in terms.items()}
+
+    def _episode(self, traj: TensorDict, drift: torch.Tensor, reward: torch.Tensor, reward_terms: dict[str, torch.Tensor]) -> dict[str, Any]:
         check_rollout(traj, reward, reward_terms, self.iteration + 1)
         return {
             "drift_kl": float(drift),

@@ -32,9 +32,10 @@ Which steps are stochastic (the only ones an algorithm trains on) is set by ``st
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -226,6 +227,7 @@ class FlowDenoiseEnv(EnvBase):
         self._generator = torch.Generator()
         self._generator.manual_seed(seed if seed is not None else int(torch.seed() % 2**62))
         self._episode: EpisodeState | None = None
+        self._defer_rewards = False  # see rewards_deferred()
         self._make_specs()
 
     # ------------------------------------------------------------------ specs
@@ -408,12 +410,27 @@ class FlowDenoiseEnv(EnvBase):
         # the decoder and the reward models run in their own precision, never under a caller's autocast
         with torch.no_grad(), torch.autocast(device_type=final_latent.device.type, enabled=False):
             images = self.backend.decode(final_latent)
-            total, terms = self.rewards(images, state.prompts)
+            if self._defer_rewards:  # the caller scores last_images itself: NaN, so that no one reads a placeholder as a reward
+                total = torch.full((B,), float("nan"), device=dev)
+                terms = {name: total for name in self.rewards.names}
+            else:
+                total, terms = self.rewards(images, state.prompts)
         state.images = images
         reward_terms = TensorDict(
             {name: value.to(dev).reshape(B, 1) for name, value in terms.items()}, batch_size=[B], device=dev
         )
         return total.to(dev).reshape(B, 1), reward_terms
+
+    @contextlib.contextmanager
+    def rewards_deferred(self) -> Iterator[None]:
+        """Episodes finished inside this block are decoded but not scored: their reward and reward terms
+        are NaN, and the caller scores ``last_images`` with ``rewards`` itself (the trainer does so in a
+        background thread, overlapping the reward models or a reward server with the next rollout)."""
+        previous, self._defer_rewards = self._defer_rewards, True
+        try:
+            yield
+        finally:
+            self._defer_rewards = previous
 
     def validate_action(self, action: object) -> torch.Tensor:
         """Check an action; ``ValueError`` saying what was expected. Never changes the state."""
