@@ -82,3 +82,18 @@ def test_no_file_cites_a_document_that_is_not_in_the_repository():
     assert not (ROOT / MISSING_DOC).exists()
     citing = [str(p.relative_to(ROOT)) for p in project_files() if MISSING_DOC in p.read_text(encoding="utf-8", errors="replace")]
     assert citing == [], f"these files cite {MISSING_DOC}, which is not in the repository: {citing}"
+
+
+def test_pretraining_times_in_the_readme_are_the_shipped_records():
+    """The README's pretraining wall times are those the shipped runs recorded (assets/*_pretrain.json)."""
+    import json
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    digits = json.loads((ROOT / "flowgym/assets/digits_pretrain.json").read_text())["seconds"]
+    match = re.search(r"The shipped run: (\d+) s on 2 CPU cores \((\d+) s flow model, (\d+) s classifier", readme)
+    assert match, "the README's digits pretraining sentence changed; keep its time tied to digits_pretrain.json"
+    assert [int(g) for g in match.groups()] == [round(digits["total"]), round(digits["flow"]), round(digits["classifier"])]
+    compose = json.loads((ROOT / "flowgym/assets/compose_pretrain.json").read_text())["seconds"]
+    minutes = re.search(r"retrains the shipped model: (\d+) min", readme)
+    assert minutes and int(minutes.group(1)) == round(compose["total"] / 60)
