@@ -62,6 +62,7 @@ class TrainerConfig:
     lr: float = 3.0e-4
     weight_decay: float = 1.0e-4
     max_grad_norm: Optional[float] = 1.0
+    fused_optimizer: Optional[bool] = None  # torch's fused AdamW; None = where the parameters allow it (CPU / CUDA floats)
     drop_zero_advantage: bool = True
     refresh_old_policy: bool = False  # recompute old log-probs per mini-batch before the first update (+1 forward)
     mixed_precision: bool = True  # bf16 autocast on CUDA for float32 backends; log-probs stay float32

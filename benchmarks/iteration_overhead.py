@@ -1,0 +1,170 @@
+"""One trainer iteration against the model compute it cannot avoid, on the default digits task.
+
+For each batch size, timed alternately in one process (repeats interleaved, medians reported):
+
+* ``iteration``: ``Trainer.collect`` + ``training_batch`` + ``update`` (evaluation off), with the
+  per-rollout drift KL on one sample per group (``trainer.drift_samples = num_prompts``);
+  ``iteration_full_drift``: the same with the drift KL on every sample;
+* ``compute``: what any such iteration must run -- the K velocity forwards of the rollout, the
+  decode and the reward model, and for every optimiser step a forward + backward of the velocity
+  model over the mini-batch's trained pairs and a fused AdamW step (learning rate 0, so the
+  weights stay put); no env, no loss module, no bookkeeping;
+* ``update`` against ``update_floor``: the trainer's updates alone, against the forward + backward +
+  optimiser steps over the same pairs;
+* ``drift`` (one reference forward over all states) against ``drift_per_step`` (one per step);
+* fused AdamW against the per-tensor ``foreach`` AdamW on the trained parameters.
+
+Ends with one machine-readable line per ratio, ``ratio <name> <value>``.
+
+    python benchmarks/iteration_overhead.py                  # batches 64 and 256, CPU
+    python benchmarks/iteration_overhead.py --batches 64 --repeats 5 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from algos.evaluation import drift_kl, trajectory_drift
+from algos.trainer import Trainer
+
+CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_trainer(batch: int, device: str, run_dir: Path, group_size: int = 8) -> Trainer:
+    overrides = [f"env.num_prompts={batch // group_size}", f"env.group_size={group_size}", "trainer.eval_every=0",
+                 "trainer.checkpoint_every=0", "logger.backends=[csv]", "logger.sample_grid=false", "logger.report=false",
+                 f"trainer.drift_samples={batch // group_size}", f"device={device}"]
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    return Trainer(OmegaConf.to_container(cfg, resolve=True), run_dir, progress=False)
+
+
+def measure(batch: int, device: str, repeats: int, run_dir: Path) -> dict[str, float]:
+    trainer = make_trainer(batch, device, run_dir)
+    env, backend, policy = trainer.env, trainer.backend, trainer.policy
+    dev = env.device
+    params = trainer.updater.parameters()
+    floor_optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=trainer.cfg.trainer.weight_decay, fused=True)
+    foreach_optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=trainer.cfg.trainer.weight_decay, foreach=True)
+    state: dict[str, object] = {}
+
+    def iteration(full_drift: bool = False) -> None:
+        trainer.cfg.trainer.drift_samples = None if full_drift else env.num_prompts
+        rollout = trainer.collect()
+        pairs = trainer.training_batch(rollout)
+        trainer.update(pairs, rollout["conditioning"])
+        state.update(rollout=rollout, pairs=pairs)
+
+    @torch.no_grad()
+    def rollout_compute() -> None:
+        td = state["reset"]
+        latent, cond = td.get("latent"), td.get("conditioning")
+        for k in range(env.num_steps):
+            latent = backend.velocity(latent, env.sigmas[k].expand(latent.shape[0]), cond, policy.guidance_scale)
+        env.rewards(backend.decode(latent), env.episode.prompts)
+
+    def minibatch_steps(optimizer: torch.optim.Optimizer) -> None:
+        pairs, cond = state["pairs"], state["rollout"]["conditioning"]
+        t = trainer.cfg.trainer
+        for _ in range(t.inner_epochs):
+            for chunk in torch.arange(pairs.batch_size[0], device=dev).chunk(t.num_minibatches):
+                rows = pairs[chunk]
+                optimizer.zero_grad(set_to_none=True)
+                v = backend.velocity(rows.get("latent"), rows.get("sigma"), cond[rows.get("sample_index")], policy.guidance_scale)
+                v.float().square().mean().backward()
+                optimizer.step()
+
+    def update() -> None:
+        trainer.update(state["pairs"], state["rollout"]["conditioning"])
+
+    def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
+        for p in params:
+            p.grad = state["grads"][id(p)]
+        optimizer.step()
+
+    def drift(batched: bool) -> None:
+        traj = state["traj"]
+        if batched:
+            trajectory_drift(backend, policy, traj, trainer.strategy.autocast)
+        else:
+            torch.stack([drift_kl(backend, policy, traj[:, k], trainer.strategy.autocast) for k in range(env.num_steps - 1)]).mean()
+
+    iteration()  # warm-up, and the pairs / rollout the other parts reuse
+    state["reset"] = env.reset()
+    with torch.no_grad():
+        state["traj"] = env.rollout(env.num_steps, policy)
+    state["grads"] = {id(p): torch.randn_like(p) for p in params}
+    runs: dict[str, Callable[[], None]] = {
+        "iteration": iteration,
+        "iteration_full_drift": lambda: iteration(full_drift=True),
+        "rollout_compute": rollout_compute,
+        "update_floor": lambda: minibatch_steps(floor_optimizer),
+        "update": update,
+        "drift": lambda: drift(True),
+        "drift_per_step": lambda: drift(False),
+        "adamw_fused": lambda: optimizer_step(floor_optimizer),
+        "adamw_foreach": lambda: optimizer_step(foreach_optimizer),
+    }
+    for run in runs.values():  # warm-up of every part
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            _sync(dev)
+            start = time.perf_counter()
+            run()
+            _sync(dev)
+            times[name].append(time.perf_counter() - start)
+    t = {name: statistics.median(values) for name, values in times.items()}
+    compute = t["rollout_compute"] + t["update_floor"]
+    return {
+        "batch": batch,
+        "pairs": int(state["pairs"].batch_size[0]),
+        **{f"{name}_ms": value * 1e3 for name, value in t.items()},
+        f"iteration_b{batch}": t["iteration"] / compute,
+        f"iteration_full_drift_b{batch}": t["iteration_full_drift"] / compute,
+        f"update_b{batch}": t["update"] / t["update_floor"],
+        f"drift_batched_vs_per_step_b{batch}": t["drift"] / t["drift_per_step"],
+        f"adamw_fused_vs_foreach_b{batch}": t["adamw_fused"] / t["adamw_foreach"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else platform.processor() or "cpu"
+    print(f"digits task, device={args.device} ({device_name}), torch {torch.__version__}, threads={torch.get_num_threads()}, "
+          f"repeats={args.repeats} (medians, parts interleaved)")
+    ratios: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for batch in args.batches:
+            r = measure(batch, args.device, args.repeats, Path(tmp) / f"b{batch}")
+            print(f"batch {batch} ({r['pairs']} trained pairs):")
+            for name in ("iteration", "iteration_full_drift", "rollout_compute", "update_floor", "update", "drift",
+                         "drift_per_step", "adamw_fused", "adamw_foreach"):
+                print(f"  {name:>22} {r[name + '_ms']:9.2f} ms")
+            ratios.update({k: v for k, v in r.items() if not k.endswith("_ms") and k not in ("batch", "pairs")})
+    for name, value in ratios.items():
+        print(f"ratio {name} {value:.3f}")
+
+
+if __name__ == "__main__":
+    main()
