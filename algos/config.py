@@ -275,8 +275,12 @@ def _validate(cfg: RunConfig) -> None:
         check_policy_arguments({"guidance_scale": t.eval_guidance_scale}, prefix="trainer.eval_")
     for key, value in a.loss.items():
         # the loss constructors check these too, but only after the model is loaded (minutes for SD3.5)
-        if key in ("threshold", "clip_range", "beta", "delta") and not (_number(value) and value >= 0):
+        if key == "beta" and not (_number(value) and value >= 0):
             raise ValueError(f"algo.loss.{key} must be a number >= 0 (finite); got {value!r}")
+        # a trust region's width may be inf: no trust region (the plain policy gradient), never NaN
+        if key in ("threshold", "clip_range", "delta") and not (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
+            raise ValueError(f"algo.loss.{key} must be a number >= 0 (inf = no trust region); got {value!r}")
         if key == "step_weighting" and value is not None and value not in STEP_WEIGHTINGS:
             raise ValueError(f"algo.loss.step_weighting must be one of {list(STEP_WEIGHTINGS)}; got {value!r}")
     # the policy's arguments the algo section sets (the trainer checks them again with the loss's defaults)

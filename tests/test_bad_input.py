@@ -113,7 +113,8 @@ BAD_VALUES = [
     ("algo.noise_level", float("nan"), r"algo.noise_level must be a finite number >= 0; got nan"),
     ("algo.guidance_scale", float("inf"), r"algo.guidance_scale must be a finite number >= 0"),
     ("algo.kernel", "sde", r"algo.kernel='sde' is not a kernel; accepted: \["),
-    ("algo.loss.clip_range", float("nan"), r"algo.loss.clip_range must be a number >= 0 \(finite\); got nan"),
+    ("algo.loss.clip_range", float("nan"), r"algo.loss.clip_range must be a number >= 0 \(inf = no trust region\); got nan"),
+    ("algo.loss.beta", float("inf"), r"algo.loss.beta must be a number >= 0 \(finite\); got inf"),
     # wrong types: the error names the key
     ("trainer.checkpoint_every", "often", r"trainer.checkpoint_every"),
     ("trainer.max_grad_norm", "big", r"trainer.max_grad_norm"),
@@ -131,6 +132,11 @@ def test_config_values_that_cannot_work_are_rejected_naming_the_key(key, value, 
     with pytest.raises(ValueError, match=message):
         Trainer(cfg, tmp_path, progress=False)
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("key", ["algo.loss.delta", "algo.loss.clip_range"])
+def test_an_infinite_trust_region_width_is_accepted_as_no_trust_region(key):
+    load_config(_set(run_config("flow_dppo" if key.endswith("delta") else "grpo"), key, float("inf")))
 
 
 def test_a_cps_eta_out_of_range_is_rejected_with_the_loss_default_kernel(tmp_path, no_model):
