@@ -172,3 +172,15 @@ def test_components_suite_crosses_weighting_and_sampler_per_trust_region():
         assert window.get("slide_every") == (3 if p.setting["sampler"] == "MixGRPO sliding" else None)
     # exactly one plain point per method: the baseline of its paired tests
     assert sorted(p.method for p in points if p.setting["default"]) == ["Flow-DPPO", "Flow-GRPO"]
+
+
+def test_ratio_noise_probe_reads_the_sizes_the_family_fills_in(tmp_path):
+    """The compose recipe leaves env.num_steps unset (the family's default): the probe reports the env's."""
+    from algos.bench.ratio_noise import ratio_noise_probe
+
+    point = paper.build_ratio_noise(BenchOptions(seeds=1, quick=True))[0]
+    config = point.jobs[0].config
+    config["env"]["num_steps"] = None
+    config["env"]["stochastic_steps"] = {"window": 2, "range": [0, 2]}
+    result = ratio_noise_probe(config, tmp_path, warmup=0, probe_steps=[1])
+    assert result["num_steps"] == 10 and result["probes"]["1"]["kl"]

@@ -222,7 +222,7 @@ def ratio_noise_probe(
         }
     return {
         "dim": dim,
-        "num_steps": int(cfg["env"]["num_steps"]),
+        "num_steps": int(trainer.env.num_steps),  # the family fills in an unset env.num_steps
         "warmup": int(warmup),
         "decomposition_max_abs_error": max_error,
         "probes": probes,

@@ -38,6 +38,11 @@ from flowgym.rewards.wire import PayloadError, PayloadTooLarge, decode_images, e
 __all__ = ["RewardServer", "main", "parse_reward_args"]
 
 DEFAULT_HOST = "127.0.0.1"
+#: an oversized body is read away up to this size before the 413 (beyond it the connection is cut)
+_DRAIN_LIMIT = 2**30
+_CHUNK = 2**16
+#: seconds a request may take to arrive (a client that stalls mid-body does not hold a thread forever)
+_REQUEST_TIMEOUT = 120
 
 
 class RewardServer(ThreadingHTTPServer):
@@ -101,6 +106,7 @@ class RewardServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: RewardServer
     protocol_version = "HTTP/1.1"
+    timeout = _REQUEST_TIMEOUT
 
     def log_message(self, format: str, *args: Any) -> None:  # one line per request, on stderr
         sys.stderr.write(f"[reward-server] {self.address_string()} {format % args}\n")
@@ -141,7 +147,12 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is required")
         size = int(length)
         if size > self.server.max_bytes:
-            self.close_connection = True  # the body is not read: the connection cannot be reused
+            # read the body away (in pieces, never held) so that the client, still sending, gets the
+            # answer instead of a broken pipe; a body beyond any reason is cut off with the connection
+            if size <= _DRAIN_LIMIT:
+                for remaining in range(size, 0, -_CHUNK):
+                    self.rfile.read(min(_CHUNK, remaining))
+            self.close_connection = True
             return self._error(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 f"payload of {size} bytes is over this server's limit of {self.server.max_bytes}; send smaller batches",
