@@ -184,3 +184,18 @@ def test_ratio_noise_probe_reads_the_sizes_the_family_fills_in(tmp_path):
     config["env"]["stochastic_steps"] = {"window": 2, "range": [0, 2]}
     result = ratio_noise_probe(config, tmp_path, warmup=0, probe_steps=[1])
     assert result["num_steps"] == 10 and result["probes"]["1"]["kl"]
+
+
+def test_the_reports_setting_line_gives_the_sizes_the_runs_saw():
+    options = BenchOptions(seeds=3)
+    config = paper.build_table(options)[0].jobs[0].config
+    assert config["env"]["group_size"] is None  # the recipe leaves it to the compose family
+    line = paper.describe(config, options)
+    assert "8 prompts x 8 samples, 10 steps" in line and "None" not in line
+
+
+def test_every_paper_method_has_its_own_plot_colour():
+    from algos.bench.suites import method_color
+
+    colours = [method_color(m.label) for m in paper.PAPER_METHODS]
+    assert len(set(colours)) == len(colours)

@@ -166,7 +166,13 @@ def _method(label: str) -> Method:
 
 
 def describe(config: Mapping[str, Any], options: BenchOptions) -> str:
-    t, e = config["trainer"], config["env"]
+    from algos.config import env_arguments, load_config
+    from flowgym.registration import env_arguments_with_defaults
+
+    t = config["trainer"]
+    cfg = load_config(config)
+    # the env's sizes as the runs saw them: the recipe leaves some to the family's defaults
+    e = {**config["env"], **env_arguments_with_defaults(cfg.env.name, env_arguments(cfg.env))}
     version = "quick" if options.quick else ("full" if options.full else "reduced")
     return (
         f"{version} version: FlowDenoise-Compose-v0, {t['iterations']} iterations of {e['num_prompts']} prompts x "

@@ -57,7 +57,10 @@ METHOD_NAMES = {
     "drpo": "DRPO",
 }
 COLORS = {"Flow-DPPO": "tab:blue", "Flow-GRPO": "tab:orange", "no trust region": "tab:gray", "DRPO": "tab:green",
-          "Flow-CPS": "tab:red", "PPO-clip (DDPO)": "tab:purple"}
+          "Flow-CPS": "tab:red", "PPO-clip (DDPO)": "tab:purple",
+          # the paper suites' other methods: one colour each (a hash of ten colours would pair them up)
+          "GRPO + CPS": "tab:red", "GRPO-Guard": "tab:brown", "AWM": "tab:pink", "DiffusionNFT": "tab:olive",
+          "Flow-DPPO + CPS": "tab:cyan"}
 DEFAULT_CLIP = 1e-4    # Flow-GRPO's published clip range
 DEFAULT_DELTA = 1e-5   # Flow-DPPO's official threshold
 
