@@ -26,6 +26,7 @@ from torch import Tensor
 
 from flowgym.backends.base import register_backend
 from flowgym.backends.diffusers import Component, DiffusersBackend
+from flowgym.backends.lora import SD3_LORA_TARGETS
 from flowgym.hub import module_device
 
 __all__ = ["DEFAULT_FLUX_MODEL", "FLUX_LORA_TARGETS", "FluxBackend"]
@@ -34,10 +35,7 @@ DEFAULT_FLUX_MODEL = "black-forest-labs/FLUX.1-dev"
 
 #: Flow-GRPO's attention targets (those of SD3): in FLUX.1 they cover the double-stream blocks'
 #: joint attention and the single-stream blocks' q / k / v
-FLUX_LORA_TARGETS: tuple[str, ...] = (
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-)
+FLUX_LORA_TARGETS: tuple[str, ...] = SD3_LORA_TARGETS
 
 
 @register_backend("flux")

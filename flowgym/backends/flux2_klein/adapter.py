@@ -39,6 +39,7 @@ from torch import Tensor
 
 from flowgym.backends.base import register_backend
 from flowgym.backends.diffusers import Component, DiffusersBackend
+from flowgym.backends.lora import SD3_LORA_TARGETS
 from flowgym.hub import module_device
 
 __all__ = ["DEFAULT_FLUX2_KLEIN_MODEL", "FLUX2_LORA_TARGETS", "Flux2KleinBackend", "empirical_mu"]
@@ -48,11 +49,7 @@ DEFAULT_FLUX2_KLEIN_MODEL = "black-forest-labs/FLUX.2-klein-base-9B"
 #: the joint attention projections of the double-stream blocks (Flow-GRPO's SD3 / FLUX.1 targets) and
 #: the fused QKV + MLP input projection of the single-stream blocks. flowgym's choice: no published
 #: FLUX.2 recipe names its targets.
-FLUX2_LORA_TARGETS: tuple[str, ...] = (
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-    "attn.to_qkv_mlp_proj",
-)
+FLUX2_LORA_TARGETS: tuple[str, ...] = (*SD3_LORA_TARGETS, "attn.to_qkv_mlp_proj")
 
 
 def empirical_mu(image_seq_len: int, num_steps: int) -> float:

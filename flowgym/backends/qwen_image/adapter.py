@@ -35,6 +35,7 @@ from torch import Tensor
 
 from flowgym.backends.base import register_backend
 from flowgym.backends.diffusers import Component, DiffusersBackend
+from flowgym.backends.lora import SD3_LORA_TARGETS
 from flowgym.hub import module_device
 
 __all__ = ["DEFAULT_QWEN_IMAGE_MODEL", "PROMPT_TEMPLATE", "PROMPT_TEMPLATE_DROP", "QWEN_IMAGE_LORA_TARGETS", "QwenImageBackend"]
@@ -48,10 +49,7 @@ PROMPT_TEMPLATE = (
 )
 PROMPT_TEMPLATE_DROP = 34
 #: the dual-stream joint attention's image and text projections (Flow-GRPO's SD3 targets); flowgym's choice
-QWEN_IMAGE_LORA_TARGETS: tuple[str, ...] = (
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-)
+QWEN_IMAGE_LORA_TARGETS: tuple[str, ...] = SD3_LORA_TARGETS
 
 
 @register_backend("qwen_image")
