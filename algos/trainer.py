@@ -64,6 +64,7 @@ from flowgym.env import FlowDenoiseEnv, resolve_prompts
 from flowgym.policy import FlowPolicy
 from flowgym.registration import check_policy_arguments, env_arguments_with_defaults, make_env
 from flowgym.registry import import_plugin
+from flowgym.rewards import REWARDS
 
 __all__ = ["Trainer", "validate_config"]
 
@@ -125,6 +126,8 @@ class Trainer:
         advantage_kwargs = dict(a.advantage_kwargs)
         _check_keywords(ADVANTAGES.lookup(advantage_name), advantage_kwargs, "algo.advantage_kwargs")
         _check_keywords(loss_class, a.loss, "algo.loss")
+        for name, kwargs in cfg.reward.kwargs.items():  # before the model loads (minutes for SD3.5)
+            _check_keywords(REWARDS.lookup(name), dict(kwargs or {}), f"reward.kwargs.{name}")
         if "weights" in inspect.signature(ADVANTAGES.lookup(advantage_name)).parameters:
             advantage_kwargs.setdefault("weights", dict(cfg.reward.weights) or None)  # GDPO weighs the terms like the env
         self.advantage = make_advantage(advantage_name, **advantage_kwargs)

@@ -432,3 +432,10 @@ def test_the_cli_names_the_broken_checkpoint_and_resumes_from_the_intact_one(fin
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert comparable(rows) == comparable(full_rows)
     assert not math.isnan(rows[-1]["reward"])
+
+
+def test_an_unknown_reward_argument_is_named_before_the_model_is_built(tmp_path, no_model):
+    cfg = run_config("flow_dppo", "reward=remote")
+    cfg["reward"]["kwargs"]["remote"]["retry"] = 5  # the key is `retries`
+    with pytest.raises(ValueError, match=r"reward.kwargs.remote.retry.*accepted keys of reward.kwargs.remote: \[.*'retries'"):
+        Trainer(cfg, tmp_path, progress=False)
