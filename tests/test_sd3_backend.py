@@ -81,6 +81,20 @@ def test_decode_size_range_and_formula(frozen):
 
 
 # ------------------------------------------------------------------------------ consistency with diffusers
+@pytest.mark.parametrize("decode_batch_size", [None, 1, 2])
+def test_decode_in_one_call_or_in_chunks_gives_the_same_images(tiny_sd3, frozen, decode_batch_size):
+    latents = torch.randn(5, *frozen.latent_shape, generator=torch.Generator().manual_seed(4)) * 0.3
+    backend = load(tiny_sd3, decode_batch_size=decode_batch_size)
+    with torch.no_grad():
+        torch.testing.assert_close(backend.decode(latents), frozen.decode(latents), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True])
+def test_a_bad_decode_batch_size_is_refused(tiny_sd3, bad):
+    with pytest.raises(ValueError, match="decode_batch_size must be an integer >= 1, or null"):
+        load(tiny_sd3, decode_batch_size=bad)
+
+
 def test_encoding_matches_the_diffusers_pipeline(tiny_sd3, frozen):
     from diffusers import StableDiffusion3Pipeline
 

@@ -114,8 +114,8 @@ class DiffusersBackend(FlowBackend):
     default_scheduler_config: ClassVar[Mapping[str, Any] | None] = None
     #: the modules ``free_text_encoders`` / ``offload_text_encoders`` act on
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
-    #: images decoded per VAE call in ``decode`` (bounds activation memory)
-    decode_batch_size: int = 8
+    #: images decoded per VAE call in ``decode`` (bounds activation memory; None: one call); set per instance
+    decode_batch_size: int | None = 8
     #: a readable name of the model kind, for error messages
     what: ClassVar[str] = "diffusers model"
 
@@ -134,9 +134,14 @@ class DiffusersBackend(FlowBackend):
         scheduler_config: Mapping[str, Any] | None = None,
         pipeline_config: Mapping[str, Any] | None = None,
         model_id: str | None = None,
+        decode_batch_size: int | None = 8,
     ) -> None:
         super().__init__()
         check_lora_rank(lora_rank)
+        if decode_batch_size is not None and (isinstance(decode_batch_size, bool) or not isinstance(decode_batch_size, int)
+                                              or decode_batch_size < 1):
+            raise ValueError(f"decode_batch_size must be an integer >= 1, or null for one VAE call; got {decode_batch_size!r}")
+        self.decode_batch_size = decode_batch_size
         if full_finetune:
             lora_rank = 0  # the whole transformer trains; LoRA settings are ignored
         if max_sequence_length is None:
@@ -289,6 +294,7 @@ class DiffusersBackend(FlowBackend):
         trainable_dtype: torch.dtype | None = torch.float32,
         gradient_checkpointing: bool = False,
         revision: str | None = None,
+        decode_batch_size: int | None = 8,
     ) -> "DiffusersBackend":
         """Load the family from a hub id (``None``: ``default_model``), a local diffusers folder or
         ``tiny:<family>``.
@@ -298,6 +304,8 @@ class DiffusersBackend(FlowBackend):
         a frozen model; ``full_finetune=True`` trains every transformer weight. ``lora_targets``:
         ``None`` = the family's ``default_lora_targets``. ``max_sequence_length``: ``None`` = the
         family's default (the pipeline's). ``local_files_only=None`` follows ``HF_HUB_OFFLINE``.
+        ``decode_batch_size``: images per VAE call (bounds the decoder's activation memory); ``None``
+        decodes a batch in one call, the fastest where it fits.
         """
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
@@ -309,7 +317,7 @@ class DiffusersBackend(FlowBackend):
             components, resolution=resolution, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
             full_finetune=full_finetune, max_sequence_length=max_sequence_length, trainable_dtype=trainable_dtype,
             gradient_checkpointing=gradient_checkpointing, scheduler_config=scheduler_config,
-            pipeline_config=pipeline_config, model_id=os.fspath(model),
+            pipeline_config=pipeline_config, model_id=os.fspath(model), decode_batch_size=decode_batch_size,
         )
         return backend.to(device)
 
@@ -414,11 +422,13 @@ class DiffusersBackend(FlowBackend):
     def decode(self, latents: Tensor) -> Tensor:
         """Latents -> images ``(B, 3, resolution, resolution)``, float32 in [0, 1] (``clamp(x / 2 + 0.5)``).
 
-        Runs in chunks of ``decode_batch_size``; wrap in ``torch.no_grad()`` unless you need gradients.
+        Runs in chunks of ``decode_batch_size`` (None: one call); wrap in ``torch.no_grad()`` unless you
+        need gradients.
         """
         vae = self.vae
         x = latents.to(device=module_device(vae), dtype=module_dtype(vae))
-        images = [self.decode_latents(chunk) for chunk in x.split(self.decode_batch_size)]
+        chunks = [x] if self.decode_batch_size is None else x.split(self.decode_batch_size)
+        images = [self.decode_latents(chunk) for chunk in chunks]
         return (torch.cat(images).float() / 2 + 0.5).clamp(0.0, 1.0)
 
     def check_resolution_multiple(self, resolution: int, multiple: int) -> None:

@@ -109,6 +109,7 @@ class SD3Backend(DiffusersBackend):
         scheduler_config: Mapping[str, Any] | None = None,
         pipeline_config: Mapping[str, Any] | None = None,
         model_id: str | None = None,
+        decode_batch_size: int | None = 8,
     ) -> None:
         if (text_encoder_3 is None) != (tokenizer_3 is None):
             raise ValueError("text_encoder_3 and tokenizer_3 must be given together (or both None)")
@@ -122,7 +123,7 @@ class SD3Backend(DiffusersBackend):
             components, resolution=resolution, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
             full_finetune=full_finetune, max_sequence_length=max_sequence_length, trainable_dtype=trainable_dtype,
             gradient_checkpointing=gradient_checkpointing, scheduler_config=scheduler_config,
-            pipeline_config=pipeline_config, model_id=model_id,
+            pipeline_config=pipeline_config, model_id=model_id, decode_batch_size=decode_batch_size,
         )
 
     # ------------------------------------------------------------------ construction
@@ -144,6 +145,7 @@ class SD3Backend(DiffusersBackend):
         trainable_dtype: torch.dtype | None = torch.float32,
         gradient_checkpointing: bool = False,
         revision: str | None = None,
+        decode_batch_size: int | None = 8,
     ) -> "SD3Backend":
         """Load SD3 / SD3.5 from a hub id or a local diffusers folder.
 
@@ -154,6 +156,7 @@ class SD3Backend(DiffusersBackend):
         (float32 by default; ``None`` keeps ``dtype``).
         ``load_t5=False`` skips the T5 encoder (zeros in its place, as diffusers does when it is
         absent; saves ~9 GB for SD3.5). ``local_files_only=None`` follows ``HF_HUB_OFFLINE``.
+        ``decode_batch_size``: images per VAE call (None: one call, the fastest where it fits).
         A model that is not available raises ``ModelNotAvailableError`` (a ``FileNotFoundError``).
         """
         device = resolve_device(device)
@@ -170,7 +173,7 @@ class SD3Backend(DiffusersBackend):
             resolution=resolution, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
             full_finetune=full_finetune, max_sequence_length=max_sequence_length, trainable_dtype=trainable_dtype,
             gradient_checkpointing=gradient_checkpointing, scheduler_config=scheduler_config or {"shift": 3.0},
-            pipeline_config=pipeline_config, model_id=os.fspath(model),
+            pipeline_config=pipeline_config, model_id=os.fspath(model), decode_batch_size=decode_batch_size,
         )
         return backend.to(device)
 
