@@ -193,6 +193,20 @@ def check_lora_trains_and_reference(cls, model: str, frozen) -> None:
 
 
 # ------------------------------------------------------------------------------ errors
+def check_gym_make(env_id: str, model: str, latent_shape: tuple[int, ...]) -> None:
+    """``gym.make(env_id)`` on the tiny model: one episode of small random actions, the reward terms at the end."""
+    import gymnasium as gym
+
+    env = gym.make(env_id, model=model, num_steps=2, prompts=PROMPTS, rewards={"jpeg_compressibility": 1.0},
+                   resolution=RES, lora_rank=0, max_sequence_length=SEQ, device="cpu")
+    obs, info = env.reset(seed=0)
+    assert obs["latent"].shape == latent_shape and info["prompt"] in PROMPTS
+    terminated = False
+    while not terminated:
+        obs, reward, terminated, truncated, info = env.step(env.action_space.sample() * 0.01)
+    assert "jpeg_compressibility" in info["reward_terms"] and reward < 0
+
+
 def check_errors(cls, tmp_path: Path, monkeypatch, hub_id: str) -> None:
     missing = tmp_path / "no_such_model"
     with pytest.raises(ModelNotAvailableError) as info:

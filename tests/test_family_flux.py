@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import warnings
 
-import gymnasium as gym
 import pytest
 import torch
 
 import flowgym  # noqa: F401  (registers the ids)
 from family_checks import (
-    PROMPTS, RES, SEQ, check_algos_run, check_episode, check_errors, check_lora_trains_and_reference,
+    PROMPTS, RES, SEQ, check_algos_run, check_episode, check_errors, check_gym_make, check_lora_trains_and_reference,
     check_ode_matches_pipeline, check_schedule, inputs, load, perturb_lora, pipeline_sigmas,
 )
 from flowgym.backends.flux import FluxBackend
@@ -148,15 +147,7 @@ def test_lora_trains_and_the_reference_is_the_base_model(frozen):
 
 
 def test_gym_make():
-    env = gym.make("FlowDenoise-FLUX-v0", model=MODEL, num_steps=2, prompts=PROMPTS,
-                   rewards={"jpeg_compressibility": 1.0}, resolution=RES, lora_rank=0, max_sequence_length=SEQ,
-                   device="cpu")
-    obs, info = env.reset(seed=0)
-    assert obs["latent"].shape == (4, 16, 16) and info["prompt"] in PROMPTS
-    terminated = False
-    while not terminated:
-        obs, reward, terminated, truncated, info = env.step(env.action_space.sample() * 0.01)
-    assert "jpeg_compressibility" in info["reward_terms"] and reward < 0
+    check_gym_make("FlowDenoise-FLUX-v0", MODEL, (4, 16, 16))
 
 
 def test_loading_errors_are_one_clear_line(tmp_path, monkeypatch):
