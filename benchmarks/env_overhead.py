@@ -35,27 +35,12 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
-from typing import Callable
 
 import torch
 
 from flowgym.policy import FlowPolicy
 from flowgym.registration import make_env
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(device: torch.device, run: Callable[[], object]) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    run()
-    _sync(device)
-    return time.perf_counter() - start
+from timing import interleaved_medians
 
 
 @torch.no_grad()
@@ -120,14 +105,7 @@ def measure(backend: str, batch: int, device: str, repeats: int, group_size: int
         "noise": lambda: noise_draws(env, policy),
         "floor": lambda: floor_loop(env, policy, td),
     }
-    for _ in range(3):  # warm-up (allocator, prompt cache, lazy init)
-        for run in runs.values():
-            run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            times[name].append(_timed(env.device, run))
-    t = {name: statistics.median(values) for name, values in times.items()}
+    t = interleaved_medians(runs, repeats, env.device, warmup=3)
     return {
         "batch": batch,
         **{f"{name}_ms": value * 1e3 for name, value in t.items()},

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -36,13 +34,9 @@ from omegaconf import OmegaConf
 
 from algos.evaluation import drift_kl, trajectory_drift
 from algos.trainer import Trainer
+from timing import interleaved_medians
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_trainer(batch: int, device: str, run_dir: Path, group_size: int = 8) -> Trainer:
@@ -120,17 +114,7 @@ def measure(batch: int, device: str, repeats: int, run_dir: Path) -> dict[str, f
         "adamw_fused": lambda: optimizer_step(floor_optimizer),
         "adamw_foreach": lambda: optimizer_step(foreach_optimizer),
     }
-    for run in runs.values():  # warm-up of every part
-        run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            _sync(dev)
-            start = time.perf_counter()
-            run()
-            _sync(dev)
-            times[name].append(time.perf_counter() - start)
-    t = {name: statistics.median(values) for name, values in times.items()}
+    t = interleaved_medians(runs, repeats, dev)
     compute = t["rollout_compute"] + t["update_floor"]
     return {
         "batch": batch,

@@ -242,11 +242,12 @@ def test_applies_only_to_whole_neutral_episodes(backend):
     assert not fused.fused_rollout_applies(env, K, policy, None, True, None, {"unknown_option": 1})
 
 
-def test_env_overhead_benchmark_runs():
+def test_env_overhead_benchmark_runs(monkeypatch):
     import importlib.util
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "env_overhead.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # as `python benchmarks/env_overhead.py` sees its folder
     spec = importlib.util.spec_from_file_location("env_overhead", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
