@@ -260,16 +260,9 @@ class Trainer:
             for _ in range(batches):
                 with self.env.rewards_deferred():
                     traj = self._rollout()
-                scored = pool.submit(self._score, self.env.last_images, list(self.env.episode.prompts))
+                scored = pool.submit(self.env.score_images, self.env.last_images, list(self.env.episode.prompts))
                 pending.append((traj, self.rollout_drift(traj), scored))
             return [self._episode(traj, drift, *scored.result()) for traj, drift, scored in pending]
-
-    def _score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The rewards of one episode's images, as ``FlowDenoiseEnv.finish_episode`` computes them."""
-        device = self.env.device
-        with torch.no_grad(), torch.autocast(device_type=images.device.type, enabled=False):
-            total, terms = self.env.rewards(images, prompts)
-        return total.to(device).reshape(-1).contiguous(), {k: v.to(device).reshape(-1).contiguous() for k, v in terms.items()}
 
     def _episode(self, traj: TensorDict, drift: torch.Tensor, reward: torch.Tensor, reward_terms: dict[str, torch.Tensor]) -> dict[str, Any]:
         check_rollout(traj, reward, reward_terms, self.iteration + 1)

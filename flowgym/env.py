@@ -407,19 +407,25 @@ class FlowDenoiseEnv(EnvBase):
         """
         state = self.episode
         B, dev = self.batch_size[0], self.device
-        # the decoder and the reward models run in their own precision, never under a caller's autocast
+        # the decoder runs in its own precision, never under a caller's autocast
         with torch.no_grad(), torch.autocast(device_type=final_latent.device.type, enabled=False):
             images = self.backend.decode(final_latent)
-            if self._defer_rewards:  # the caller scores last_images itself: NaN, so that no one reads a placeholder as a reward
-                total = torch.full((B,), float("nan"), device=dev)
-                terms = {name: total for name in self.rewards.names}
-            else:
-                total, terms = self.rewards(images, state.prompts)
+        if self._defer_rewards:  # the caller scores last_images itself: NaN, so that no one reads a placeholder as a reward
+            total = torch.full((B,), float("nan"), device=dev)
+            terms = {name: total for name in self.rewards.names}
+        else:
+            total, terms = self.score_images(images, state.prompts)
         state.images = images
-        reward_terms = TensorDict(
-            {name: value.to(dev).reshape(B, 1) for name, value in terms.items()}, batch_size=[B], device=dev
-        )
-        return total.to(dev).reshape(B, 1), reward_terms
+        reward_terms = TensorDict({name: value.reshape(B, 1) for name, value in terms.items()}, batch_size=[B], device=dev)
+        return total.reshape(B, 1), reward_terms
+
+    def score_images(self, images: Tensor, prompts: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(reward (B,), {term: (B,)})`` of decoded ``images`` on the env's device: the weighted total
+        and every term, the reward models in their own precision (never under a caller's autocast)."""
+        with torch.no_grad(), torch.autocast(device_type=images.device.type, enabled=False):
+            total, terms = self.rewards(images, prompts)
+        dev = self.device
+        return total.to(dev).reshape(-1), {name: value.to(dev).reshape(-1) for name, value in terms.items()}
 
     @contextlib.contextmanager
     def rewards_deferred(self) -> Iterator[None]:
