@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from algos.atomic_io import write_text_atomic
 
 __all__ = ["MultirunSummary", "sweep_table"]
 
@@ -76,9 +77,7 @@ class MultirunSummary(Callback):
         print(f"\nsweep summary ({len(finished)} of {len(lines) - 2} runs finished), {sweep_dir}:\n{text}")
         if not sweep_dir.is_dir():
             return
-        tmp = sweep_dir / ".summary.md.tmp"
-        tmp.write_text(f"# Sweep summary\n\n{text}\n")
-        os.replace(tmp, sweep_dir / "summary.md")
+        write_text_atomic(sweep_dir / "summary.md", f"# Sweep summary\n\n{text}\n")
         if finished:
             from algos.report import write_report
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from algos.atomic_io import savefig_atomic, write_text_atomic
+
 __all__ = ["RunRecord", "main", "panels", "read_run", "write_report"]
 
 #: substrings of the trust-region diagnostics plotted together
@@ -139,11 +141,7 @@ def _plot(runs: Sequence[RunRecord], out: Path) -> Path:
             ax.set_yscale("symlog", linthresh=1e-4)  # drift spans decades and starts at 0
         ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
-    path = out / "curves.png"
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".curves.png.tmp"
-    fig.savefig(tmp, dpi=90, format="png")
-    os.replace(tmp, path)
+    path = savefig_atomic(fig, out / "curves.png", dpi=90)
     plt.close(fig)
     return path
 
@@ -192,11 +190,7 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
             lines += [f"![first and last evaluation samples]({os.path.relpath(grid, out)})", ""]
     for run in runs:
         lines += _summary(run)
-    path = out / "report.md"
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(out / "report.md", "\n".join(lines))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,12 +14,13 @@ like with like across iterations (reward hacking shows in the pictures before th
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+
+from algos.atomic_io import savefig_atomic
 
 __all__ = ["grid_cells", "save_grid", "save_side_by_side", "tile"]
 
@@ -67,13 +68,6 @@ def tile(rows: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
     return out
 
 
-def _atomic_savefig(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    os.replace(tmp, path)
-
-
 def _pyplot():
     import matplotlib
 
@@ -100,7 +94,7 @@ def save_grid(path: str | Path, rows: Sequence[Sequence[np.ndarray]], prompts: S
     _draw(axes[:, 0], rows, prompts)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    _atomic_savefig(fig, path)
+    savefig_atomic(fig, path, dpi=100)
     plt.close(fig)
     return path
 
@@ -118,6 +112,6 @@ def save_side_by_side(path: str | Path, first: str | Path, last: str | Path, fir
         ax.set_axis_off()
         ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    _atomic_savefig(fig, Path(path))
+    savefig_atomic(fig, path, dpi=100)
     plt.close(fig)
     return Path(path)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from algos.atomic_io import write_text_atomic
+
 __all__ = ["BenchOptions", "Job", "RunResult", "compose_config", "execute_job", "is_complete", "job_key", "load_result", "machine_info", "run_jobs"]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -153,12 +155,6 @@ def load_result(run_dir: Path, job: Job, cached: bool) -> RunResult:
     return result
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------- workers
 def _worker_init() -> None:
     import torch
@@ -173,7 +169,7 @@ def execute_job(kind: str, config: dict[str, Any], params: dict[str, Any], run_d
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
-    _atomic_write(directory / "job.json", json.dumps({"kind": kind, "config": config, "params": params}, sort_keys=True, indent=1))
+    write_text_atomic(directory / "job.json", json.dumps({"kind": kind, "config": config, "params": params}, sort_keys=True, indent=1))
     start = time.perf_counter()
     if kind == "train":
         from algos.trainer import Trainer
@@ -183,12 +179,12 @@ def execute_job(kind: str, config: dict[str, Any], params: dict[str, Any], run_d
         from algos.bench.ratio_noise import ratio_noise_probe
 
         result = ratio_noise_probe(config, directory / "work", **params)
-        _atomic_write(directory / "result.json", json.dumps(result))
+        write_text_atomic(directory / "result.json", json.dumps(result))
         shutil.rmtree(directory / "work", ignore_errors=True)
     else:
         raise ValueError(f"unknown job kind {kind!r}; accepted: train, ratio_noise")
     wall = time.perf_counter() - start
-    _atomic_write(directory / "done.json", json.dumps({"wall_s": wall, "finished": time.time()}))
+    write_text_atomic(directory / "done.json", json.dumps({"wall_s": wall, "finished": time.time()}))
     return wall
 
 
