@@ -29,6 +29,9 @@ from flowgym.registration import check_device, check_policy_arguments
 
 __all__ = [
     "AlgoConfig",
+    "DISTRIBUTED_BACKENDS",
+    "DISTRIBUTED_STRATEGIES",
+    "DistributedConfig",
     "EMAConfig",
     "EnvConfig",
     "LoggerConfig",
@@ -36,6 +39,7 @@ __all__ = [
     "RunConfig",
     "TrainerConfig",
     "as_dict",
+    "check_distributed",
     "check_overrides",
     "check_rollout_split",
     "check_sample_split",
@@ -50,6 +54,20 @@ class EMAConfig:
     enabled: bool = False
     decay: float = 0.9
     every: int = 8
+
+
+#: the accepted values of ``trainer.distributed.strategy`` and ``.backend``
+DISTRIBUTED_STRATEGIES: tuple[str, ...] = ("auto", "single", "ddp", "fsdp")
+DISTRIBUTED_BACKENDS: tuple[str, ...] = ("auto", "gloo", "nccl")
+
+
+@dataclass
+class DistributedConfig:
+    # auto = ddp when launched by torchrun with WORLD_SIZE > 1, else single (no process group)
+    strategy: str = "auto"
+    backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
+    timeout_s: float = 600.0  # a collective that waits longer (a rank died or hangs) raises on every rank
+    find_unused_parameters: bool = False  # DDP: for losses that leave some trained parameters without a gradient
 
 
 @dataclass
@@ -78,6 +96,7 @@ class TrainerConfig:
     drift_samples: Optional[int] = None  # ... on this many samples, evenly spaced (= num_prompts: one per group); None = all
     drift_rows_per_forward: Optional[int] = None  # states per reference forward (None = all at once; 16-32 for SD3.5)
     checkpoint_every: int = 10
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 @dataclass
@@ -242,6 +261,7 @@ def _validate(cfg: RunConfig) -> None:
     loss and policy values whose constructors run only after the model is loaded."""
     t, e, a = cfg.trainer, cfg.env, cfg.algo
     check_device(cfg.device)  # a CUDA device on a machine without CUDA: a clear error, before the model
+    check_distributed(t.distributed)
     for key in ("iterations", "inner_epochs", "num_minibatches", "rollout_batches"):
         _positive(getattr(t, key), f"trainer.{key}", integer=True)
     for key in ("eval_every", "checkpoint_every"):
@@ -287,6 +307,16 @@ def _validate(cfg: RunConfig) -> None:
     check_policy_arguments({key: getattr(a, key) for key in POLICY_KEYS if getattr(a, key) is not None}, prefix="algo.")
     if a.noise_level is not None and a.noise_level <= 0:
         raise ValueError(f"algo.noise_level must be > 0 (trained steps need a Gaussian); got {a.noise_level}")
+
+
+def check_distributed(d: DistributedConfig) -> None:
+    """``trainer.distributed``'s values, checked before any process group is made."""
+    if d.strategy not in DISTRIBUTED_STRATEGIES:
+        raise ValueError(f"trainer.distributed.strategy must be one of {list(DISTRIBUTED_STRATEGIES)}; got {d.strategy!r}")
+    if d.backend not in DISTRIBUTED_BACKENDS:
+        raise ValueError(f"trainer.distributed.backend must be one of {list(DISTRIBUTED_BACKENDS)}; got {d.backend!r}")
+    if not (_number(d.timeout_s) and d.timeout_s > 0):
+        raise ValueError(f"trainer.distributed.timeout_s must be a finite number of seconds > 0; got {d.timeout_s!r}")
 
 
 def check_rollout_split(cfg: RunConfig, num_prompts: int, group_size: int, num_steps: int, stochastic_steps: Any) -> None:

@@ -21,6 +21,7 @@ import torch
 from tensordict import NonTensorStack, TensorDict
 
 from algos.ema import ParameterEMA
+from algos.strategy import SingleDevice, Strategy
 from flowgym.backends.base import FlowBackend
 from flowgym.env import FlowDenoiseEnv
 from flowgym.kernels import flow_sde_step, gaussian_kl
@@ -128,7 +129,9 @@ class Evaluator:
         batch_size: int | None = None,
         guidance_scale: float | None = None,
         drift_rows_per_forward: int | None = None,
+        strategy: Strategy | None = None,
     ) -> None:
+        self.strategy = strategy if strategy is not None else SingleDevice(device)
         self.policy = policy if guidance_scale is None else policy.with_guidance(guidance_scale)
         self.backend = policy.backend
         self.rewards = rewards
@@ -154,31 +157,57 @@ class Evaluator:
             return env.rollout(env.num_steps, self.policy, tensordict=request)
 
     def evaluate_prompts(self, split: str, prompts: list[str]) -> dict[str, float]:
-        """ODE samples for ``prompts`` in chunks; metrics over all of them, named ``eval/<split>/<metric>``."""
-        chunk = int(self.batch_size or len(prompts))
-        rewards, terms, images, drift = [], {}, [], []
-        for start in range(0, len(prompts), chunk):
-            part = prompts[start : start + chunk]
-            env = FlowDenoiseEnv(
-                self.backend, num_prompts=1, group_size=len(part), num_steps=self.num_steps,
-                shift=self.shift, prompts=part, rewards=self.rewards, stochastic_steps="none",
-                device=self.device, seed=self.seed + 1000 + start,
-            )
-            request = TensorDict({}, batch_size=env.batch_size, device=self.device)
-            request.set("prompt", NonTensorStack(*part, batch_size=env.batch_size))
-            traj = self.rollout(env, request)
-            drift.append(trajectory_drift(self.backend, self.policy, traj, self.autocast, rows_per_forward=self.drift_rows_per_forward))
-            reward, reward_terms = final_rewards(traj)
-            rewards.append(reward)
-            for name, value in reward_terms.items():
-                terms.setdefault(name, []).append(value)
-            images.append(env.last_images)
+        """ODE samples for ``prompts`` in chunks; metrics over all of them, named ``eval/<split>/<metric>``.
+
+        With several processes the chunks are dealt out round-robin (chunk size
+        ``trainer.eval_batch_size``, or the split over the processes when it is None) and their results
+        gathered: a chunk's noise depends on its start only, so the metrics are those of one process
+        evaluating in the same chunks. The images (prior-capability metrics, sample grids) go to the
+        main process only, which alone returns those metrics."""
+        rank, world = self.strategy.rank, self.strategy.world_size
+        chunk = int(self.batch_size or -(-len(prompts) // world))
+        starts = list(range(0, len(prompts), chunk))
+        mine = starts[rank::world]
+        if self.strategy.lockstep_forwards:  # FSDP: every process runs as many forwards (extra ones discarded)
+            mine += [None] * (-(-len(starts) // world) - len(mine))
+        results = []
+        for start in mine:
+            result = self._evaluate_chunk(prompts, start if start is not None else 0, chunk)
+            if start is not None:
+                if world > 1:  # gathered through pickles: host copies
+                    reward, reward_terms, drift, images = result
+                    result = (reward.cpu(), {k: v.cpu() for k, v in reward_terms.items()}, drift.cpu(), images.cpu())
+                results.append((start, *result))
+        reduced = [r for part in self.strategy.all_gather_objects([r[:4] for r in results]) for r in part]
+        reduced.sort(key=lambda r: r[0])
+        images = self.strategy.gather_objects([(r[0], r[4]) for r in results])
+        rewards = [r[1] for r in reduced]
+        terms = {name: [r[2][name] for r in reduced] for name in (reduced[0][2] if reduced else {})}
+        drift = [r[3] for r in reduced]
         out = {f"eval/{split}/reward": float(torch.cat(rewards).mean())}
         for name, values in terms.items():
             out[f"eval/{split}/{name}"] = float(torch.cat(values).mean())
         out[f"eval/{split}/drift_kl"] = float(torch.stack(drift).mean()) if drift else 0.0
-        all_images = torch.cat(images)
+        if images is None:
+            return out  # not the main process
+        all_images = torch.cat([image for _, image in sorted((i for part in images for i in part), key=lambda i: i[0])])
+        all_images = all_images.to(self.device) if world > 1 else all_images
         self.samples[split] = (all_images.detach().cpu(), list(prompts))
         for name, value in self.backend.prior_capability_metrics(all_images, prompts).items():
             out[f"eval/{split}/{name}"] = float(value)
         return out
+
+    def _evaluate_chunk(self, prompts: list[str], start: int, chunk: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """One chunk's rewards, reward terms, drift KL and images."""
+        part = prompts[start : start + chunk]
+        env = FlowDenoiseEnv(
+            self.backend, num_prompts=1, group_size=len(part), num_steps=self.num_steps,
+            shift=self.shift, prompts=part, rewards=self.rewards, stochastic_steps="none",
+            device=self.device, seed=self.seed + 1000 + start,
+        )
+        request = TensorDict({}, batch_size=env.batch_size, device=self.device)
+        request.set("prompt", NonTensorStack(*part, batch_size=env.batch_size))
+        traj = self.rollout(env, request)
+        drift = trajectory_drift(self.backend, self.policy, traj, self.autocast, rows_per_forward=self.drift_rows_per_forward)
+        reward, reward_terms = final_rewards(traj)
+        return reward, reward_terms, drift, env.last_images.detach()

@@ -1,4 +1,5 @@
-"""Hydra entry point: ``python -m algos.run algo=flow_dppo`` (see ``configs/config.yaml``)."""
+"""Hydra entry point: ``python -m algos.run algo=flow_dppo`` (see ``configs/config.yaml``), and
+``torchrun --nproc_per_node=N -m algos.run ...`` for N processes (``algos.distributed``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from algos.checkpoint import latest_checkpoint
-from algos.config import check_overrides
+from algos.config import check_overrides, load_config
+from algos.distributed import strategy_from_config
+from algos.strategy import Strategy
 from algos.trainer import Trainer
 
 
@@ -80,22 +83,42 @@ def remove_bare_folder(run_dir: Path, keep_log_in: Path | None = None) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def shared_run_folders(strategy: Strategy, run_dir: Path, resume: Any) -> tuple[Path, Path | None]:
+    """The run folder and the folder to resume, as the main process chose them, on every process
+    (each process's hydra made its own timestamped folder; the others' are removed when bare)."""
+    chosen = (run_dir, find_resume_dir(resume, run_dir)) if strategy.is_main else None
+    if strategy.world_size == 1:
+        return chosen  # type: ignore[return-value]
+    main_dir, resume_dir = strategy.all_gather_objects(chosen)[0]
+    if not strategy.is_main and Path(main_dir).resolve() != run_dir.resolve():
+        remove_bare_folder(run_dir)
+    return Path(main_dir), resume_dir
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    strategy = None
     try:
-        resume_dir = find_resume_dir(cfg.resume, run_dir)
+        container = OmegaConf.to_container(cfg, resolve=True)
+        config = load_config(container)  # every value checked before a process group is made
+        strategy = strategy_from_config(config.trainer.distributed, config.device, mixed_precision=config.trainer.mixed_precision)
+        run_dir, resume_dir = shared_run_folders(strategy, run_dir, cfg.resume)
         if resume_dir is not None:
             check_same_run(resume_dir, cfg)
-        container = OmegaConf.to_container(cfg, resolve=True)
-        trainer = Trainer(container, resume_dir or run_dir)
+        trainer = Trainer(config, resume_dir or run_dir, strategy=strategy)
         if resume_dir is not None:
             trainer.resume()  # falls back past a broken checkpoint to the newest intact one, naming it
-            print(f"resumed {resume_dir} at iteration {trainer.iteration}")
+            if strategy.is_main:
+                print(f"resumed {resume_dir} at iteration {trainer.iteration}")
     except Exception:
-        remove_bare_folder(run_dir)  # a run that never started leaves no empty folder behind
+        if strategy is None or strategy.is_main:
+            remove_bare_folder(run_dir)  # a run that never started leaves no empty folder behind
         raise
     rows = trainer.train()
+    strategy.close()
+    if not strategy.is_main:
+        return math.nan
     if resume_dir is not None:
         remove_bare_folder(run_dir, keep_log_in=resume_dir)
     print(summary_table(rows))

@@ -1,10 +1,11 @@
 """Where the trainer meets the hardware: device placement, backward, gradient and metric reduction,
 mixed precision and checkpoint saving go through a ``Strategy``.
 
-``SingleDevice`` is one process on one device (CPU or one GPU), the only strategy today. A
-distributed strategy (DDP, FSDP2 over ``torch.distributed``) is one more class here that overrides
-what differs: it all-reduces gradients in ``reduce_gradients`` (or lets DDP do it in ``backward``),
-all-reduces the metrics in ``reduce_metrics``, and saves only on the main process.
+``SingleDevice`` is one process on one device (CPU or one GPU). The distributed strategies (DDP and
+FSDP2 over ``torch.distributed``, ``algos.distributed``) override what differs: the training forward
+(through the DDP wrapper), gradient accumulation without synchronisation (``accumulating``), the
+reduction of gradients and metrics, the gathered state dicts of a checkpoint, and that only the main
+process writes. Every method here has the single-process behaviour.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 from algos.checkpoint import save_checkpoint
 from flowgym.hub import resolve_device
 
-__all__ = ["SingleDevice", "Strategy", "make_strategy"]
+__all__ = ["STRATEGIES", "SingleDevice", "Strategy", "make_strategy"]
 
 
 class Strategy:
@@ -30,6 +31,12 @@ class Strategy:
     #: whether this process writes metrics, logs and checkpoints
     is_main: bool = True
     world_size: int = 1
+    rank: int = 0
+    #: the loss is multiplied by this before backward: the world size for strategies whose gradient
+    #: reduction averages over processes (DDP, FSDP), so that the reduced gradient is the global sum
+    gradient_scale: float = 1.0
+    #: every process must run the same number of model forwards (FSDP all-gathers in each)
+    lockstep_forwards: bool = False
 
     def __init__(self, device: torch.device | str | None = "auto", *, mixed_precision: bool = True) -> None:
         self.device = resolve_device(device)
@@ -48,6 +55,18 @@ class Strategy:
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def prepare(self, loss_module: nn.Module) -> None:
+        """Called once the loss module (holding every trained parameter) is built, before training."""
+
+    def forward(self, loss_module: nn.Module, batch: Any) -> Any:
+        """The training forward of ``loss_module`` on ``batch`` (through a DDP wrapper where there is one)."""
+        return loss_module(batch)
+
+    def accumulating(self, active: bool) -> ContextManager[Any]:
+        """The context of a micro-batch's forward and backward that is not the mini-batch's last:
+        gradients accumulate locally, without synchronisation (DDP's ``no_sync``)."""
+        return contextlib.nullcontext()
+
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
@@ -57,6 +76,43 @@ class Strategy:
     def reduce_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
         """The global value of each metric (the mean over processes); the metrics themselves here."""
         return dict(metrics)
+
+    def trainable_state_dict(self, backend: Any) -> dict[str, torch.Tensor]:
+        """The trained weights as full tensors (gathered from the shards under FSDP; every process calls it)."""
+        return backend.trainable_state_dict()
+
+    def load_trainable_state_dict(self, backend: Any, weights: dict[str, torch.Tensor]) -> None:
+        backend.load_trainable_state_dict(weights)
+
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer, loss_module: nn.Module) -> dict[str, Any]:
+        """The optimizer's state as a checkpoint stores it (every process calls it)."""
+        return optimizer.state_dict()
+
+    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, loss_module: nn.Module, state: dict[str, Any]) -> None:
+        optimizer.load_state_dict(state)
+
+    # collectives: the identity on one process (``algos.distributed`` runs them over the process group)
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """``tensor`` reduced (``"sum"``, ``"max"``, ``"min"``) over processes."""
+        return tensor
+
+    def all_gather_cat(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every process's ``tensor`` concatenated along dim 0 in rank order."""
+        return tensor
+
+    def all_gather_objects(self, obj: Any) -> list[Any]:
+        """Every process's picklable ``obj`` in rank order."""
+        return [obj]
+
+    def gather_objects(self, obj: Any) -> list[Any] | None:
+        """Every process's picklable ``obj`` in rank order on the main process, None on the others."""
+        return [obj]
+
+    def barrier(self) -> None:
+        """Wait for every process (nothing to wait for on one)."""
+
+    def close(self) -> None:
+        """Release the process group (nothing to release on one process)."""
 
     def save_checkpoint(self, directory: Path, iteration: int, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> Path | None:
         """Write an atomic checkpoint (on the main process only)."""
@@ -69,7 +125,7 @@ class SingleDevice(Strategy):
     """One process on one device."""
 
 
-#: strategies by name (``trainer.strategy`` in a later config); one class each
+#: strategies by name (``trainer.distributed.strategy``); ``algos.distributed`` adds "ddp" and "fsdp"
 STRATEGIES: dict[str, type[Strategy]] = {"single": SingleDevice}
 
 

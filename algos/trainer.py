@@ -41,6 +41,7 @@ import torch
 from tensordict import TensorDict
 
 from algos.advantages import ADVANTAGES, make_advantage
+from algos.collectives import rank_seed
 from algos.checkpoint import CheckpointError, complete_checkpoints, load_checkpoint, mark_broken
 from algos.config import (
     POLICY_KEYS,
@@ -51,6 +52,7 @@ from algos.config import (
     load_config,
     validate_config,
 )
+from algos.distributed import strategy_from_config
 from algos.ema import ParameterEMA
 from algos.health import check_finite, check_rollout
 from algos.evaluation import Evaluator, drift_kl, drift_sample_indices, final_rewards, trajectory_drift
@@ -58,7 +60,7 @@ from algos.losses import SAMPLES, get_loss_class
 from algos.losses.sample_base import batch_kind
 from algos.run_logger import RunLogger
 from algos.sample_grid import grid_cells, save_grid, save_side_by_side, tile
-from algos.strategy import SingleDevice, Strategy
+from algos.strategy import Strategy
 from algos.updater import Updater
 from flowgym.env import FlowDenoiseEnv, resolve_prompts
 from flowgym.policy import FlowPolicy
@@ -66,7 +68,7 @@ from flowgym.registration import check_policy_arguments, env_arguments_with_defa
 from flowgym.registry import import_plugin
 from flowgym.rewards import REWARDS
 
-__all__ = ["Trainer", "validate_config"]
+__all__ = ["Trainer", "global_batch", "validate_config"]
 
 _log = logging.getLogger(__name__)
 #: the entries of a checkpoint's state.pt that resume needs (see ``Trainer.state``)
@@ -103,6 +105,30 @@ def _check_keywords(builder: Any, given: Mapping[str, Any], where: str) -> None:
     unknown = sorted(set(given) - set(accepted)) if accepted is not None else []
     if unknown:
         raise ValueError(f"unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; accepted keys of {where}: {sorted(accepted)}")
+
+
+def global_batch(strategy: Strategy, rollout: dict[str, Any], groups: int) -> dict[str, Any]:
+    """``rollout`` with the whole iteration's batch of every process beside this process's share:
+    ``global`` = ``{reward, reward_terms, prompts, group_id}`` gathered in rank order (each process's
+    group ids, in ``[0, groups)``, offset by ``rank * groups``), ``share`` = this process's rows in
+    it, and ``drift_kl`` averaged over processes (each holds as many samples; NaN on all alike when
+    skipped). On one process ``global`` is its own batch."""
+    world = strategy.world_size
+    if world == 1:
+        rollout["global"] = {key: rollout[key] for key in ("reward", "reward_terms", "prompts", "group_id")}
+        rollout["share"] = slice(0, rollout["reward"].shape[0])
+        return rollout
+    n = rollout["reward"].shape[0]
+    rollout["global"] = {
+        "reward": strategy.all_gather_cat(rollout["reward"]),
+        "reward_terms": {k: strategy.all_gather_cat(v) for k, v in sorted(rollout["reward_terms"].items())},
+        "prompts": [p for prompts in strategy.all_gather_objects(list(rollout["prompts"])) for p in prompts],
+        "group_id": strategy.all_gather_cat(rollout["group_id"] + strategy.rank * groups),
+    }
+    rollout["share"] = slice(strategy.rank * n, (strategy.rank + 1) * n)
+    drift = torch.tensor(float(rollout["drift_kl"]), dtype=torch.float64)
+    rollout["drift_kl"] = float(strategy.all_reduce(drift, "sum")) / world
+    return rollout
 
 
 class Trainer:
@@ -150,22 +176,33 @@ class Trainer:
             check_rollout_split(cfg, resolved_env["num_prompts"], resolved_env["group_size"], resolved_env["num_steps"], resolved_env["stochastic_steps"])
 
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.progress = progress
-        self.strategy = strategy if strategy is not None else SingleDevice(cfg.device, mixed_precision=t.mixed_precision)
+        # trainer.distributed was checked above (load_config): a bad value fails before any process group
+        self.strategy = strategy if strategy is not None else strategy_from_config(t.distributed, cfg.device, mixed_precision=t.mixed_precision)
         self.device = self.strategy.device
+        rank, world = self.strategy.rank, self.strategy.world_size
+        if resolved_env["num_prompts"] % world:
+            divisors = [n for n in range(1, resolved_env["num_prompts"] + 1) if resolved_env["num_prompts"] % n == 0]
+            raise ValueError(f"env.num_prompts={resolved_env['num_prompts']} groups per episode do not split over {world} processes "
+                             f"(each process samples whole groups); use a world size in {divisors} or change env.num_prompts")
+        env_args["num_prompts"] = resolved_env["num_prompts"] // world  # this process's share of whole groups
+        if self.strategy.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         seed = int(cfg.seed)
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # the same on every process: models are built identically
         if cfg.num_threads is not None:
             torch.set_num_threads(int(cfg.num_threads))
 
+        # prompts come from one stream shared by all processes; noise from a stream per (seed, rank)
         self.env: FlowDenoiseEnv = make_env(
             e.name, backend_options=e.backend, **env_args,
             rewards=dict(cfg.reward.weights) or None, reward_kwargs=dict(cfg.reward.kwargs),
-            device=self.device, seed=seed,
+            device=self.device, seed=seed, prompt_shard=(rank, world),
+            noise_seed=rank_seed(seed, rank, world) if world > 1 else None,
         )
         self.backend = self.env.backend
-        self.policy = FlowPolicy(self.backend, **policy_arguments, seed=seed + 1)
+        self.strategy.setup(self.backend.velocity_model())  # FSDP shards before anything copies the parameters
+        self.policy = FlowPolicy(self.backend, **policy_arguments, seed=rank_seed(seed + 1, rank, world))
         self.loss_module = loss_class(self.policy, **dict(a.loss))
 
         policy_params = list(self.policy.trainable_parameters())
@@ -175,13 +212,15 @@ class Trainer:
         self.extra_params = {n: p for n, p in self.loss_module.named_parameters() if p.requires_grad and id(p) not in known}
         ema = ParameterEMA(policy_params, t.ema.decay, t.ema.every) if t.ema.enabled else None
         self.updater = Updater(
-            self.loss_module, policy_params + list(self.extra_params.values()), t, self.strategy, seed=seed + 2, ema=ema
+            self.loss_module, policy_params + list(self.extra_params.values()), t, self.strategy,
+            seed=rank_seed(seed + 2, rank, world), ema=ema,
         )
-        self.strategy.setup(self.backend.velocity_model())
+        self.strategy.prepare(self.loss_module)
         self.evaluator = Evaluator(
             self.policy, self.env.rewards, self._eval_sets(), num_steps=t.eval_num_steps or self.env.num_steps,
             shift=self.env.shift, device=self.device, seed=seed, autocast=self.strategy.autocast,
             batch_size=t.eval_batch_size, guidance_scale=t.eval_guidance_scale, drift_rows_per_forward=t.drift_rows_per_forward,
+            strategy=self.strategy,
         )
         self.iteration = 0
         self.checkpoint_dir = self.run_dir / "checkpoints"
@@ -226,18 +265,24 @@ class Trainer:
         else:
             episodes = [self._collect_episode() for _ in range(batches)]
         if len(episodes) == 1:
-            return episodes[0]
-        offset = self.env.num_prompts
-        drift = [e["drift_kl"] for e in episodes]
-        return {
-            "drift_kl": sum(drift) / len(drift),
-            "trajectory": torch.cat([e["trajectory"] for e in episodes], dim=0),
-            "conditioning": torch.cat([e["conditioning"] for e in episodes], dim=0),
-            "reward": torch.cat([e["reward"] for e in episodes]),
-            "reward_terms": {k: torch.cat([e["reward_terms"][k] for e in episodes]) for k in episodes[0]["reward_terms"]},
-            "prompts": [p for e in episodes for p in e["prompts"]],
-            "group_id": torch.cat([e["group_id"] + i * offset for i, e in enumerate(episodes)]),
-        }
+            rollout = episodes[0]
+        else:
+            offset = self.env.num_prompts
+            drift = [e["drift_kl"] for e in episodes]
+            rollout = {
+                "drift_kl": sum(drift) / len(drift),
+                "trajectory": torch.cat([e["trajectory"] for e in episodes], dim=0),
+                "conditioning": torch.cat([e["conditioning"] for e in episodes], dim=0),
+                "reward": torch.cat([e["reward"] for e in episodes]),
+                "reward_terms": {k: torch.cat([e["reward_terms"][k] for e in episodes]) for k in episodes[0]["reward_terms"]},
+                "prompts": [p for e in episodes for p in e["prompts"]],
+                "group_id": torch.cat([e["group_id"] + i * offset for i, e in enumerate(episodes)]),
+            }
+        return self.with_global_batch(rollout)
+
+    def with_global_batch(self, rollout: dict[str, Any]) -> dict[str, Any]:
+        """``rollout`` with every process's batch beside its own (``global_batch``)."""
+        return global_batch(self.strategy, rollout, self.env.num_prompts * self.cfg.trainer.rollout_batches)
 
     def _sampling(self) -> contextlib.AbstractContextManager[Any]:
         """The context rollouts are collected in: the loss's ``sampling()`` for a per-sample loss."""
@@ -291,10 +336,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ 2-3. advantages and updates
     def advantages(self, rollout: Mapping[str, Any]) -> torch.Tensor:
-        """The rollout's advantages (B,), checked finite (``algos.health``)."""
-        advantage = self.advantage(rollout["reward"], rollout["reward_terms"], rollout["prompts"], rollout["group_id"])
+        """The rollout's advantages (B,), checked finite (``algos.health``). Computed from the rewards of
+        every process (``rollout["global"]``), so that group statistics, the global std, GDPO and
+        per-prompt running statistics equal one process's on the same global batch; this process's
+        share is returned."""
+        batch = rollout.get("global", rollout)
+        advantage = self.advantage(batch["reward"], batch["reward_terms"], batch["prompts"], batch["group_id"])
         check_finite(advantage, "the advantage", self.iteration + 1)
-        return advantage
+        return advantage[rollout.get("share", slice(None))]
 
     def training_pairs(self, rollout: Mapping[str, Any]) -> TensorDict:
         """Flat (sample, stochastic step) pairs with their advantage; zero-advantage samples dropped."""
@@ -304,6 +353,7 @@ class Trainer:
         traj.set("advantage", advantage.to(traj.device).float()[:, None].expand(B, K))
         traj.set("sample_index", torch.arange(B, device=traj.device)[:, None].expand(B, K))
         keep = traj.get("stochastic")
+        self.placeholder = traj[keep][:1] if self.strategy.world_size > 1 else None
         if self.cfg.trainer.drop_zero_advantage:
             keep = keep & (traj.get("advantage") != 0)
         return traj[keep]
@@ -325,6 +375,7 @@ class Trainer:
             batch_size=[B],
             device=traj.device,
         )
+        self.placeholder = samples[:1] if self.strategy.world_size > 1 else None
         if self.cfg.trainer.drop_zero_advantage:
             samples = samples[samples.get("advantage") != 0]
         return samples
@@ -334,7 +385,7 @@ class Trainer:
         return self.training_samples(rollout) if self.batch_kind == SAMPLES else self.training_pairs(rollout)
 
     def update(self, pairs: TensorDict, conditioning: TensorDict) -> dict[str, float]:
-        return self.updater.update(pairs, conditioning, iteration=self.iteration + 1)
+        return self.updater.update(pairs, conditioning, iteration=self.iteration + 1, placeholder=getattr(self, "placeholder", None))
 
     # ------------------------------------------------------------------ 4. evaluation
     def evaluate(self) -> dict[str, float]:
@@ -379,7 +430,7 @@ class Trainer:
         t = self.cfg.trainer
         rows = self.logger.read(self.iteration)
         if self.iteration == 0 and t.eval_every:
-            rows.append(self.logger.log({"iteration": 0, **self.evaluate()}))
+            rows.append(self.logger.log({"iteration": 0, "world_size": self.strategy.world_size, **self.evaluate()}))
         bar = self._progress_bar(t.iterations)
         while self.iteration < t.iterations:
             start = time.perf_counter()
@@ -387,13 +438,15 @@ class Trainer:
             pairs = self.training_batch(rollout)
             stats = self.update(pairs, rollout["conditioning"])
             self.iteration += 1
+            batch = rollout["global"]  # every process's samples: the metrics are global
             row: dict[str, float] = {
                 "iteration": self.iteration,
-                "reward": float(rollout["reward"].mean()),
-                "reward_std": float(rollout["reward"].std()),
+                "world_size": self.strategy.world_size,
+                "reward": float(batch["reward"].mean()),
+                "reward_std": float(batch["reward"].std()),
                 "drift_kl": rollout["drift_kl"],
             }
-            for name, value in rollout["reward_terms"].items():
+            for name, value in batch["reward_terms"].items():
                 row[f"reward/{name}"] = float(value.mean())
             row.update(stats)
             if t.eval_every and (self.iteration % t.eval_every == 0 or self.iteration == t.iterations):
@@ -421,25 +474,35 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
+        """What a checkpoint's ``state.pt`` holds besides the weights. With several processes (every one
+        calls it: FSDP gathers the optimizer state) ``rng`` is rank 0's and ``rng_ranks`` every rank's."""
+        rng = self._rng_state()
         return {
             "iteration": self.iteration,
-            "optimizer": self.optimizer.state_dict(),
+            "world_size": self.strategy.world_size,
+            "rng_ranks": self.strategy.all_gather_objects(rng) if self.strategy.world_size > 1 else None,
+            "optimizer": self.strategy.optimizer_state_dict(self.optimizer, self.loss_module),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "extra_params": {k: v.detach().cpu() for k, v in self.extra_params.items()},
             "advantage": self.advantage.state_dict() if hasattr(self.advantage, "state_dict") else None,
             # a per-sample loss's old / EMA parameter copies and its step count
             "loss": self.loss_module.training_state() if self.batch_kind == SAMPLES else None,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "env": self.env.generator_state(),
-                "policy": self.policy.generator_state(),
-                "shuffle": self.updater.shuffle_generator.get_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
+            "rng": rng,
+        }
+
+    def _rng_state(self) -> dict[str, Any]:
+        return {
+            "torch": torch.get_rng_state(),
+            "env": self.env.generator_state(),
+            "policy": self.policy.generator_state(),
+            "shuffle": self.updater.shuffle_generator.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
 
     def save(self) -> Path | None:
-        return self.strategy.save_checkpoint(self.checkpoint_dir, self.iteration, self.backend.trainable_state_dict(), self.state())
+        """Write a checkpoint (every process calls it; only the main process writes)."""
+        weights = self.strategy.trainable_state_dict(self.backend)
+        return self.strategy.save_checkpoint(self.checkpoint_dir, self.iteration, weights, self.state())
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Load the newest intact checkpoint (of this run, or under ``path``); False if there is none.
@@ -497,8 +560,8 @@ class Trainer:
                              "this run's optimizer does not (a checkpoint of another configuration)")
 
     def _load_state(self, checkpoint: Path, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-        self.backend.load_trainable_state_dict(weights)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.strategy.load_trainable_state_dict(self.backend, weights)
+        self.strategy.load_optimizer_state_dict(self.optimizer, self.loss_module, state["optimizer"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         with torch.no_grad():
@@ -508,11 +571,35 @@ class Trainer:
             self.advantage.load_state_dict(state["advantage"])
         if self.batch_kind == SAMPLES:
             self.loss_module.load_training_state(state["loss"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        self.env.set_generator_state(rng["env"])
-        self.policy.set_generator_state(rng["policy"])
-        self.updater.shuffle_generator.set_state(rng["shuffle"])
-        if rng.get("cuda") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
         self.iteration = int(state["iteration"])
+        self._load_rng(checkpoint, state)
+
+    def _load_rng(self, checkpoint: Path, state: dict[str, Any]) -> None:
+        """This process's random streams: exactly as saved on the same world size; on another, the
+        shared prompt stream as saved and fresh noise / shuffle streams per (seed, rank, iteration)."""
+        rank, world = self.strategy.rank, self.strategy.world_size
+        saved_world = int(state.get("world_size") or 1)
+        ranks = state.get("rng_ranks")
+        if saved_world == world:
+            rng = ranks[rank] if world > 1 and ranks else state["rng"]
+            torch.set_rng_state(rng["torch"])
+            self.env.set_generator_state(rng["env"])
+            self.policy.set_generator_state(rng["policy"])
+            self.updater.shuffle_generator.set_state(rng["shuffle"])
+            if rng.get("cuda") and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            return
+        rng = state["rng"]  # rank 0's: its prompt stream is the one every process shared
+        torch.set_rng_state(rng["torch"])
+        env_state = rng["env"]
+        self.env.set_generator_state(env_state["shared"] if isinstance(env_state, Mapping) else env_state)
+        seed = int(self.cfg.seed) + 7919 * self.iteration  # new streams, still a function of (seed, rank)
+        if world > 1:
+            self.env.set_noise_seed(rank_seed(seed, rank, world))
+        self.policy.set_seed(rank_seed(seed + 1, rank, world))
+        self.updater.shuffle_generator.manual_seed(rank_seed(seed + 2, rank, world))
+        message = (f"resumed {checkpoint} (written by {saved_world} process(es)) on {world}: same weights, optimizer "
+                   f"state and iteration {self.iteration}; the noise and shuffle streams changed (new streams per rank)")
+        _log.warning(message)
+        if self.strategy.is_main:
+            print(message)

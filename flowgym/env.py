@@ -171,6 +171,12 @@ class FlowDenoiseEnv(EnvBase):
         share_initial_noise: one initial noise per group instead of one per sample.
         device: where latents live (default: the backend's device).
         seed: seeds prompt draws, initial noise and stochastic windows.
+        prompt_shard: ``(rank, world_size)`` of a multi-process run: each reset draws the prompts of all
+            ``world_size`` processes (``num_prompts`` each) from the one stream ``seed`` seeds, the same
+            on every process, and keeps the ``rank``-th share; stochastic windows come from that stream
+            too. ``(0, 1)`` (default): one process.
+        noise_seed: seeds a separate stream for the initial noise (a multi-process run gives each rank
+            its own); None: the initial noise comes from the ``seed`` stream, interleaved with the prompts.
         policy_defaults: keyword arguments of ``FlowPolicy`` that ``make_policy()`` uses.
     """
 
@@ -192,6 +198,8 @@ class FlowDenoiseEnv(EnvBase):
         device: torch.device | str | None = None,
         seed: int | None = None,
         policy_defaults: Mapping[str, object] | None = None,
+        prompt_shard: tuple[int, int] = (0, 1),
+        noise_seed: int | None = None,
     ) -> None:
         for name, value, low in (("num_prompts", num_prompts, 1), ("group_size", group_size, 1), ("num_steps", num_steps, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -226,6 +234,13 @@ class FlowDenoiseEnv(EnvBase):
         self.policy_defaults = dict(policy_defaults or {})
         self._generator = torch.Generator()
         self._generator.manual_seed(seed if seed is not None else int(torch.seed() % 2**62))
+        rank, world = (int(v) for v in prompt_shard)
+        if not (world >= 1 and 0 <= rank < world):
+            raise ValueError(f"prompt_shard must be (rank, world_size) with 0 <= rank < world_size; got {prompt_shard!r}")
+        self.prompt_shard = (rank, world)
+        self._noise_generator: torch.Generator | None = None
+        if noise_seed is not None:
+            self._noise_generator = torch.Generator().manual_seed(int(noise_seed))
         self._episode: EpisodeState | None = None
         self._defer_rewards = False  # see rewards_deferred()
         self._make_specs()
@@ -290,12 +305,15 @@ class FlowDenoiseEnv(EnvBase):
         return FlowPolicy(self.backend, **{**self.policy_defaults, **overrides})
 
     def _draw_prompts(self) -> list[int]:
+        """This process's ``num_prompts`` prompt indices: its share of the draw for all processes."""
         n = len(self.prompt_list)
-        if self.num_prompts <= n:
-            order = torch.randperm(n, generator=self._generator)[: self.num_prompts]
+        rank, world = self.prompt_shard
+        total = self.num_prompts * world
+        if total <= n:
+            order = torch.randperm(n, generator=self._generator)[:total]
         else:
-            order = torch.randint(0, n, (self.num_prompts,), generator=self._generator)
-        return order.tolist()
+            order = torch.randint(0, n, (total,), generator=self._generator)
+        return order[rank * self.num_prompts : (rank + 1) * self.num_prompts].tolist()
 
     def _prompt_stack(self, prompts: list[str]) -> NonTensorStack:
         """A ``NonTensorStack`` of the prompts, stacked from cached per-prompt leaves (read-only)."""
@@ -371,10 +389,11 @@ class FlowDenoiseEnv(EnvBase):
             prompts = [self.prompt_list[i] for i in chosen for _ in range(G)]
             prompt_index = torch.tensor(chosen, dtype=torch.int64).repeat_interleave(G)
         shape = self.backend.latent_shape
+        noise_stream = self._noise_generator if self._noise_generator is not None else self._generator
         if self.share_initial_noise:
-            noise = torch.randn((self.num_prompts, *shape), generator=self._generator).repeat_interleave(G, dim=0)
+            noise = torch.randn((self.num_prompts, *shape), generator=noise_stream).repeat_interleave(G, dim=0)
         else:
-            noise = torch.randn((B, *shape), generator=self._generator)
+            noise = torch.randn((B, *shape), generator=noise_stream)
         mask = stochastic_step_mask(self.stochastic_spec, self.num_steps, self._generator, self.iteration)
         self._episode = EpisodeState(
             latent=noise.to(dev),
@@ -507,12 +526,25 @@ class FlowDenoiseEnv(EnvBase):
             tensordict, auto_reset = self.reset_observation(), False
         return super().rollout(max_steps, policy, callback, auto_reset=auto_reset, tensordict=tensordict, **kwargs)
 
-    def generator_state(self) -> torch.Tensor:
-        """State of the env's generator (prompt draws, initial noise, windows), for checkpoints."""
-        return self._generator.get_state()
+    def generator_state(self) -> torch.Tensor | dict[str, torch.Tensor]:
+        """State of the env's generator (prompt draws, initial noise, windows), for checkpoints; with a
+        separate noise stream (``noise_seed``) ``{"shared": ..., "noise": ...}``."""
+        if self._noise_generator is None:
+            return self._generator.get_state()
+        return {"shared": self._generator.get_state(), "noise": self._noise_generator.get_state()}
 
-    def set_generator_state(self, state: torch.Tensor) -> None:
-        self._generator.set_state(state)
+    def set_generator_state(self, state: torch.Tensor | Mapping[str, torch.Tensor]) -> None:
+        if isinstance(state, Mapping):
+            self._generator.set_state(state["shared"])
+            if self._noise_generator is None:
+                self._noise_generator = torch.Generator()
+            self._noise_generator.set_state(state["noise"])
+        else:
+            self._generator.set_state(state)
+
+    def set_noise_seed(self, seed: int) -> None:
+        """Re-seed the separate initial-noise stream (creating it if there is none)."""
+        self._noise_generator = torch.Generator().manual_seed(int(seed))
 
     def _set_seed(self, seed: int | None) -> None:
         self._generator.manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**62))

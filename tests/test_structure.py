@@ -20,8 +20,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("flowgym.env", "flowgym.policy", "flowgym.rollout"),
     ("flowgym.gym", "flowgym.registration", "flowgym"),
     ("flowgym.testing",),
-    ("algos.advantages", "algos.losses", "algos.ema", "algos.checkpoint", "algos.config", "algos.health", "algos.atomic_io"),
-    ("algos.strategy", "algos.updater", "algos.evaluation", "algos.run_logger", "algos.sample_grid", "algos.report"),
+    ("algos.advantages", "algos.losses", "algos.ema", "algos.checkpoint", "algos.config", "algos.health", "algos.atomic_io", "algos.collectives"),
+    ("algos.strategy", "algos.distributed", "algos.updater", "algos.evaluation", "algos.run_logger", "algos.sample_grid", "algos.report"),
     ("algos.trainer",),
     ("algos.run", "algos.multirun_summary", "algos.bench", "algos"),
 ]

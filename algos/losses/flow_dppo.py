@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from tensordict import TensorDictBase
 from torch import Tensor, nn
 
 from algos.losses.base import FlowPolicyLoss, PolicyEvaluation, register_loss
@@ -76,13 +77,30 @@ class FlowDPPOLoss(FlowPolicyLoss):
         with torch.no_grad():
             return velocity_divergence(batch.velocity_new.detach(), batch.velocity_old.to(batch.velocity_new.device))
 
+    def minibatch_statistics(self, tensordict: TensorDictBase) -> dict[str, Tensor] | None:
+        """For ``normalize="kept"``: the kept count and the rows of ``tensordict`` (a micro-batch, one
+        forward without gradient). The updater sums them over the micro-batches and processes of a
+        mini-batch and sets ``minibatch_totals``, so that the loss divides by the mini-batch's kept
+        count, not each micro-batch's own. None for ``normalize="all"`` (nothing to count)."""
+        if self.normalize != "kept":
+            return None
+        with torch.no_grad():
+            batch = self.evaluate(self._flat_input(tensordict))
+            keep, _, _ = flow_dppo_mask(batch.ratio, batch.advantage, self.step_divergence(batch), self.delta)
+        return {"kept": keep.sum().double(), "rows": torch.tensor(float(keep.numel()), dtype=torch.float64)}
+
     def objective(self, batch: PolicyEvaluation) -> dict[str, Tensor]:
         advantage = batch.advantage
         divergence = self.step_divergence(batch)
         keep, _, _ = flow_dppo_mask(batch.ratio, advantage, divergence, self.delta)
         # the gradient never enters exp() where it is masked: no 0 * inf = NaN under ratio overflow
         ratio = importance_ratio(batch.log_ratio, keep & (advantage != 0))
-        terms = flow_dppo_objective(ratio, advantage, divergence, self.delta, self.normalize, weight=batch.step_weight)
+        totals = getattr(self, "minibatch_totals", None)
+        kept_fraction = None
+        if self.normalize == "kept" and totals:
+            kept_fraction = totals["kept"].clamp(min=1) / totals["rows"]
+        terms = flow_dppo_objective(ratio, advantage, divergence, self.delta, self.normalize, weight=batch.step_weight,
+                                    kept_fraction=kept_fraction)
         positive, negative = advantage > 0, advantage < 0
         return {
             "loss_objective": terms.loss,

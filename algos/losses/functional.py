@@ -235,6 +235,7 @@ def flow_dppo_objective(
     threshold: float,
     normalize: Literal["all", "kept"] = "all",
     weight: Tensor | None = None,
+    kept_fraction: Tensor | float | None = None,
 ) -> FlowDPPOTerms:
     """Flow-DPPO's masked importance-weighted objective (to be minimised).
 
@@ -242,6 +243,11 @@ def flow_dppo_objective(
 
         L = sum_i w_i * M_i * (-A_i * ratio_i) / Z,   Z = N (normalize="all", the reference code)
                                                        or max(sum_i M_i, 1) (normalize="kept")
+
+    ``kept_fraction`` (normalize="kept" only): the kept share ``max(K, 1) / R`` of a larger batch that
+    this one is part of (a mini-batch split into micro-batches or over processes); then
+    ``Z = N * kept_fraction``, so that the parts' losses, each weighted by its share ``N / R`` of the
+    rows, sum to the larger batch's ``sum_i w_i M_i (-A_i ratio_i) / max(K, 1)``.
 
     ``w`` is an optional per-element weight (``step_weights``; ``None``: no multiplication at all,
     ``w_i = 1``); ``per_element_loss`` is returned weighted.
@@ -263,8 +269,11 @@ def flow_dppo_objective(
         per_element = per_element * weight.to(per_element.dtype)
     if normalize == "all":
         denominator = max(per_element.numel(), 1)
-    else:
+    elif kept_fraction is None:
         denominator = keep.sum().clamp(min=1).to(per_element.dtype)
+    else:
+        denominator = torch.as_tensor(kept_fraction, dtype=torch.float64) * per_element.numel()
+        denominator = denominator.to(per_element.dtype).to(per_element.device)
     loss = per_element.sum() / denominator
     return FlowDPPOTerms(per_element, keep, masked_pos, masked_neg, loss)
 
