@@ -74,14 +74,19 @@ def all_reduce(tensor: torch.Tensor, op: Literal["sum", "max", "min"] = "sum") -
     return work.to(tensor.device)
 
 
-def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
-    """Every rank's ``tensor`` concatenated along dim 0 in rank order (first dims may differ), on
-    every rank, on ``tensor``'s device; ``tensor`` itself in a world of one."""
+def all_gather_cat(tensor: torch.Tensor, same_shape: bool = False) -> torch.Tensor:
+    """Every rank's ``tensor`` concatenated along dim 0 in rank order, on every rank, on ``tensor``'s
+    device; ``tensor`` itself in a world of one. First dims may differ unless ``same_shape`` (the
+    caller knows they are equal: one collective instead of two)."""
     n = world_size()
     if n == 1:
         return tensor
     device = collective_device(tensor.device)
     local = tensor.detach().to(device).contiguous()
+    if same_shape:
+        pieces = [torch.empty_like(local) for _ in range(n)]
+        dist.all_gather(pieces, local)
+        return torch.cat(pieces).to(tensor.device)
     sizes = torch.tensor([local.shape[0]], device=device, dtype=torch.int64)
     all_sizes = [torch.zeros_like(sizes) for _ in range(n)]
     dist.all_gather(all_sizes, sizes)

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import logging
 import math
 import os
 import warnings
+import zlib
 from typing import Any, ContextManager, Iterable, Mapping
 
 import torch
@@ -103,14 +105,20 @@ class DistributedStrategy(Strategy):
 
     def reduce_metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
         """The global value of each metric: the mean over processes of their (finite) values, the max of
-        ``*_max`` and the min of ``*_min``; NaN where no process has a finite value."""
-        keys = sorted(set().union(*all_gather_objects(sorted(metrics))))
-        values = torch.tensor([float(metrics.get(k, math.nan)) for k in keys], dtype=torch.float64)
+        ``*_max`` and the min of ``*_min``; NaN where no process has a finite value. One collective:
+        every process reports the same keys (the updater records placeholders' diagnostics as NaN)."""
+        keys = sorted(metrics)
+        digest = zlib.crc32("\n".join(keys).encode())
+        local = torch.tensor([[float(digest), *(float(metrics[k]) for k in keys)]], dtype=torch.float64)
+        everything = all_gather_cat(local, same_shape=True)
+        if not bool((everything[:, 0] == digest).all()):
+            raise RuntimeError(f"the processes report different metrics; this one: {keys}")
+        values = everything[:, 1:]
         finite = torch.isfinite(values)
-        total = all_reduce(torch.where(finite, values, 0.0), "sum")
-        count = all_reduce(finite.double(), "sum")
-        high = all_reduce(torch.where(finite, values, -math.inf), "max")
-        low = all_reduce(torch.where(finite, values, math.inf), "min")
+        count = finite.sum(0)
+        total = torch.where(finite, values, 0.0).sum(0)
+        high = torch.where(finite, values, -math.inf).amax(0)
+        low = torch.where(finite, values, math.inf).amin(0)
         out = {}
         for i, key in enumerate(keys):
             if count[i] == 0:
@@ -126,8 +134,8 @@ class DistributedStrategy(Strategy):
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         return all_reduce(tensor, op)  # type: ignore[arg-type]
 
-    def all_gather_cat(self, tensor: torch.Tensor) -> torch.Tensor:
-        return all_gather_cat(tensor)
+    def all_gather_cat(self, tensor: torch.Tensor, same_shape: bool = False) -> torch.Tensor:
+        return all_gather_cat(tensor, same_shape)
 
     def all_gather_objects(self, obj: Any) -> list[Any]:
         return all_gather_objects(obj)
@@ -139,8 +147,13 @@ class DistributedStrategy(Strategy):
         dist.barrier()
 
     def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        """Wait for every process, release what holds the process group (DDP's reducer), destroy it."""
+        if not dist.is_initialized():
+            return
+        dist.barrier()
+        self.wrapper = None
+        gc.collect()  # the reducer must go before its process group, or its destructor can block at exit
+        dist.destroy_process_group()
 
 
 class DDPStrategy(DistributedStrategy):

@@ -116,13 +116,15 @@ def main(cfg: DictConfig) -> float:
             remove_bare_folder(run_dir)  # a run that never started leaves no empty folder behind
         raise
     rows = trainer.train()
+    folder = trainer.run_dir
+    del trainer  # the models and the DDP / FSDP state that hold the process group go before it
     strategy.close()
     if not strategy.is_main:
         return math.nan
     if resume_dir is not None:
         remove_bare_folder(run_dir, keep_log_in=resume_dir)
     print(summary_table(rows))
-    print(f"run folder: {trainer.run_dir}")
+    print(f"run folder: {folder}")
     final = [r for r in rows if "eval/train/reward" in r]
     return final[-1]["eval/train/reward"] if final else math.nan
 

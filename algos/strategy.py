@@ -96,8 +96,9 @@ class Strategy:
         """``tensor`` reduced (``"sum"``, ``"max"``, ``"min"``) over processes."""
         return tensor
 
-    def all_gather_cat(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Every process's ``tensor`` concatenated along dim 0 in rank order."""
+    def all_gather_cat(self, tensor: torch.Tensor, same_shape: bool = False) -> torch.Tensor:
+        """Every process's ``tensor`` concatenated along dim 0 in rank order (``same_shape``: the
+        caller knows every process's shape is the same)."""
         return tensor
 
     def all_gather_objects(self, obj: Any) -> list[Any]:

@@ -68,7 +68,7 @@ from flowgym.registration import check_policy_arguments, env_arguments_with_defa
 from flowgym.registry import import_plugin
 from flowgym.rewards import REWARDS
 
-__all__ = ["Trainer", "global_batch", "validate_config"]
+__all__ = ["Trainer", "global_batch", "shard_groups", "validate_config"]
 
 _log = logging.getLogger(__name__)
 #: the entries of a checkpoint's state.pt that resume needs (see ``Trainer.state``)
@@ -107,27 +107,59 @@ def _check_keywords(builder: Any, given: Mapping[str, Any], where: str) -> None:
         raise ValueError(f"unknown key(s) {', '.join(f'{where}.{k}' for k in unknown)}; accepted keys of {where}: {sorted(accepted)}")
 
 
-def global_batch(strategy: Strategy, rollout: dict[str, Any], groups: int) -> dict[str, Any]:
+def shard_groups(num_prompts: int, rollout_batches: int, world_size: int) -> tuple[int, int]:
+    """How an iteration's ``num_prompts x rollout_batches`` groups split over ``world_size`` processes,
+    whole groups each: ``(prompts per episode, episodes)`` of one process. The episode's prompts are
+    split when ``num_prompts`` divides (every process runs every episode, smaller); else the
+    episodes when ``rollout_batches`` divides (the SD3.5 recipes' 1 prompt x 48 episodes); else a
+    ``ValueError`` naming the world sizes that work."""
+    if num_prompts % world_size == 0:
+        return num_prompts // world_size, rollout_batches
+    if rollout_batches % world_size == 0:
+        return num_prompts, rollout_batches // world_size
+    groups = num_prompts * rollout_batches
+    accepted = sorted({n for n in range(1, groups + 1) if num_prompts % n == 0 or rollout_batches % n == 0})
+    raise ValueError(
+        f"env.num_prompts={num_prompts} x trainer.rollout_batches={rollout_batches} groups do not split over "
+        f"{world_size} processes (each process samples whole groups: one of the two must be a multiple of the "
+        f"world size); world sizes that work: {accepted}")
+
+
+def global_batch(strategy: Strategy, rollout: dict[str, Any], groups: int, prompt_list: list[str] | None = None) -> dict[str, Any]:
     """``rollout`` with the whole iteration's batch of every process beside this process's share:
     ``global`` = ``{reward, reward_terms, prompts, group_id}`` gathered in rank order (each process's
     group ids, in ``[0, groups)``, offset by ``rank * groups``), ``share`` = this process's rows in
     it, and ``drift_kl`` averaged over processes (each holds as many samples; NaN on all alike when
-    skipped). On one process ``global`` is its own batch."""
+    skipped). On one process ``global`` is its own batch.
+
+    One collective in the common case: rewards, terms, group ids, the prompts' indices in
+    ``prompt_list`` and the drift travel as one float64 table (every process has as many rows); prompts
+    outside ``prompt_list`` are gathered as strings."""
     world = strategy.world_size
     if world == 1:
         rollout["global"] = {key: rollout[key] for key in ("reward", "reward_terms", "prompts", "group_id")}
         rollout["share"] = slice(0, rollout["reward"].shape[0])
         return rollout
-    n = rollout["reward"].shape[0]
+    reward, terms = rollout["reward"], rollout["reward_terms"]
+    n, names = reward.shape[0], sorted(terms)
+    index_of = {p: i for i, p in enumerate(prompt_list or [])}
+    indices = torch.tensor([index_of.get(p, -1) for p in rollout["prompts"]], dtype=torch.float64)
+    columns = [reward, *(terms[k] for k in names), rollout["group_id"] + strategy.rank * groups, indices,
+               torch.full((n,), float(rollout["drift_kl"]))]
+    table = torch.stack([c.detach().to(reward.device, torch.float64).reshape(n) for c in columns], dim=1)
+    table = strategy.all_gather_cat(table, same_shape=True)  # (world * n, columns)
+    if bool((table[:, -2] < 0).any()):
+        prompts = [p for part in strategy.all_gather_objects(list(rollout["prompts"])) for p in part]
+    else:
+        prompts = [prompt_list[int(i)] for i in table[:, -2].tolist()]  # type: ignore[index]
     rollout["global"] = {
-        "reward": strategy.all_gather_cat(rollout["reward"]),
-        "reward_terms": {k: strategy.all_gather_cat(v) for k, v in sorted(rollout["reward_terms"].items())},
-        "prompts": [p for prompts in strategy.all_gather_objects(list(rollout["prompts"])) for p in prompts],
-        "group_id": strategy.all_gather_cat(rollout["group_id"] + strategy.rank * groups),
+        "reward": table[:, 0].to(reward.dtype),
+        "reward_terms": {k: table[:, 1 + i].to(terms[k].dtype) for i, k in enumerate(names)},
+        "prompts": prompts,
+        "group_id": table[:, 1 + len(names)].to(rollout["group_id"].dtype),
     }
     rollout["share"] = slice(strategy.rank * n, (strategy.rank + 1) * n)
-    drift = torch.tensor(float(rollout["drift_kl"]), dtype=torch.float64)
-    rollout["drift_kl"] = float(strategy.all_reduce(drift, "sum")) / world
+    rollout["drift_kl"] = float(table[::n, -1].mean())
     return rollout
 
 
@@ -181,11 +213,8 @@ class Trainer:
         self.strategy = strategy if strategy is not None else strategy_from_config(t.distributed, cfg.device, mixed_precision=t.mixed_precision)
         self.device = self.strategy.device
         rank, world = self.strategy.rank, self.strategy.world_size
-        if resolved_env["num_prompts"] % world:
-            divisors = [n for n in range(1, resolved_env["num_prompts"] + 1) if resolved_env["num_prompts"] % n == 0]
-            raise ValueError(f"env.num_prompts={resolved_env['num_prompts']} groups per episode do not split over {world} processes "
-                             f"(each process samples whole groups); use a world size in {divisors} or change env.num_prompts")
-        env_args["num_prompts"] = resolved_env["num_prompts"] // world  # this process's share of whole groups
+        prompts_per_process, self.rollout_batches = shard_groups(resolved_env["num_prompts"], t.rollout_batches, world)
+        env_args["num_prompts"] = prompts_per_process  # whole groups per process and episode
         if self.strategy.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         seed = int(cfg.seed)
@@ -259,7 +288,7 @@ class Trainer:
         episodes per iteration give a large rollout (48 prompts x 24 samples) at a batch that fits.
         """
         self.env.iteration = self.iteration  # the clock of a sliding stochastic window (MixGRPO)
-        batches = self.cfg.trainer.rollout_batches
+        batches = self.rollout_batches  # this process's episodes
         if self.cfg.trainer.async_rewards and batches > 1:
             episodes = self._collect_overlapped(batches)
         else:
@@ -282,7 +311,7 @@ class Trainer:
 
     def with_global_batch(self, rollout: dict[str, Any]) -> dict[str, Any]:
         """``rollout`` with every process's batch beside its own (``global_batch``)."""
-        return global_batch(self.strategy, rollout, self.env.num_prompts * self.cfg.trainer.rollout_batches)
+        return global_batch(self.strategy, rollout, self.env.num_prompts * self.rollout_batches, self.env.prompt_list)
 
     def _sampling(self) -> contextlib.AbstractContextManager[Any]:
         """The context rollouts are collected in: the loss's ``sampling()`` for a per-sample loss."""
@@ -343,6 +372,10 @@ class Trainer:
         batch = rollout.get("global", rollout)
         advantage = self.advantage(batch["reward"], batch["reward_terms"], batch["prompts"], batch["group_id"])
         check_finite(advantage, "the advantage", self.iteration + 1)
+        # every process's count of trained samples, known here without a collective (the updater's plan)
+        world = self.strategy.world_size
+        trained = advantage != 0 if self.cfg.trainer.drop_zero_advantage else torch.ones_like(advantage, dtype=torch.bool)
+        self.samples_per_process = trained.reshape(world, -1).sum(1).tolist() if world > 1 else None
         return advantage[rollout.get("share", slice(None))]
 
     def training_pairs(self, rollout: Mapping[str, Any]) -> TensorDict:
@@ -354,6 +387,8 @@ class Trainer:
         traj.set("sample_index", torch.arange(B, device=traj.device)[:, None].expand(B, K))
         keep = traj.get("stochastic")
         self.placeholder = traj[keep][:1] if self.strategy.world_size > 1 else None
+        steps = int(keep[0].sum())  # the stochastic steps, the same for every sample of every process
+        self.rows_per_process = [n * steps for n in self.samples_per_process] if self.samples_per_process else None
         if self.cfg.trainer.drop_zero_advantage:
             keep = keep & (traj.get("advantage") != 0)
         return traj[keep]
@@ -376,6 +411,7 @@ class Trainer:
             device=traj.device,
         )
         self.placeholder = samples[:1] if self.strategy.world_size > 1 else None
+        self.rows_per_process = None  # the updater counts a per-sample loss's rows itself
         if self.cfg.trainer.drop_zero_advantage:
             samples = samples[samples.get("advantage") != 0]
         return samples
@@ -385,7 +421,8 @@ class Trainer:
         return self.training_samples(rollout) if self.batch_kind == SAMPLES else self.training_pairs(rollout)
 
     def update(self, pairs: TensorDict, conditioning: TensorDict) -> dict[str, float]:
-        return self.updater.update(pairs, conditioning, iteration=self.iteration + 1, placeholder=getattr(self, "placeholder", None))
+        return self.updater.update(pairs, conditioning, iteration=self.iteration + 1, placeholder=getattr(self, "placeholder", None),
+                                   rows_per_process=getattr(self, "rows_per_process", None))
 
     # ------------------------------------------------------------------ 4. evaluation
     def evaluate(self) -> dict[str, float]:

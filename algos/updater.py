@@ -118,26 +118,52 @@ class Updater:
     def parameters(self) -> list[nn.Parameter]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
+    def _chunk_plan(self, rows: int, extra: float) -> list[float]:
+        """One process's chunk sizes and micro-batch counts per mini-batch, and ``extra``."""
+        t = self.config
+        micro = t.micro_batch_size or max(rows, 1)
+        chunks = list(torch.arange(rows).chunk(t.num_minibatches)) if rows else []
+        sizes = [c.numel() for c in chunks] + [0] * (t.num_minibatches - len(chunks))
+        return [*sizes, *(-(-size // micro) for size in sizes), float(extra)]
+
+    def plan(self, rows: int, extra: float = 0.0,
+             rows_per_process: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The mini-batch structure every process follows: the global rows of each of the
+        ``trainer.num_minibatches`` mini-batches, the most micro-batches any process has in each, and
+        the sum of ``extra`` over processes. Shuffling never changes a process's chunk sizes, so one
+        plan serves every epoch of an update. ``rows_per_process`` (every process's row count, which
+        the trainer knows from the gathered advantages) computes it without a collective (``extra`` is
+        then 0)."""
+        m = self.config.num_minibatches
+        if rows_per_process is not None:
+            if rows_per_process[self.strategy.rank] != rows:
+                raise RuntimeError(f"this process has {rows} rows, the plan says {rows_per_process[self.strategy.rank]}")
+            everything = torch.tensor([self._chunk_plan(r, 0.0) for r in rows_per_process], dtype=torch.float64)
+        else:
+            local = torch.tensor([self._chunk_plan(rows, extra)], dtype=torch.float64)
+            everything = self.strategy.all_gather_cat(local, same_shape=True)
+        return everything[:, :m].sum(0), everything[:, m : 2 * m].amax(0), float(everything[:, -1].sum())
+
     def minibatches(self, pairs: TensorDict, conditioning: TensorDict, epoch: int,
-                    placeholder: TensorDict | None = None) -> list[list[MicroBatch]]:
+                    placeholder: TensorDict | None = None,
+                    plan: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> list[list[MicroBatch]]:
         """The epoch's shuffled mini-batches, each a list of weighted micro-batches carrying their conditioning.
 
         Each rank shuffles its own pairs into ``trainer.num_minibatches`` chunks; mini-batch i of the
         run is the union of every rank's chunk i. A micro-batch's weight is its share of that global
         mini-batch's rows (times the strategy's ``gradient_scale``, the world size for strategies
         that average gradients), so the summed gradient is the global mini-batch's mean. Every rank
-        runs the same number of micro-batches (the most any rank has): a rank with fewer runs
-        ``placeholder`` rows (one row of its data) at weight 0, so collectives stay in step.
+        runs the same number of micro-batches (the most any rank has, ``plan``): a rank with fewer
+        runs ``placeholder`` rows (one row of its data) at weight 0, so collectives stay in step.
         """
         t = self.config
         n = pairs.batch_size[0]
+        rows, counts, _ = plan if plan is not None else self.plan(n)
         order = torch.randperm(n, generator=self.shuffle_generator).to(pairs.device)
         micro = t.micro_batch_size or max(n, 1)
         chunks = list(order.chunk(t.num_minibatches)) if n else []
         chunks += [order[:0]] * (t.num_minibatches - len(chunks))  # an empty chunk on a rank short of rows
         splits = [list(chunk.split(micro)) if chunk.numel() else [] for chunk in chunks]
-        local = torch.tensor([[chunk.numel() for chunk in chunks], [len(s) for s in splits]], dtype=torch.float64)
-        rows, counts = self.strategy.all_reduce(local[0].clone(), "sum"), self.strategy.all_reduce(local[1].clone(), "max")
         if placeholder is None and n:
             placeholder = pairs[:1]
         batches = []
@@ -209,12 +235,13 @@ class Updater:
                 share = loss * piece.weight
                 with self.strategy.accumulating(not last):
                     self.strategy.backward(share)
-                if not piece.real:
-                    continue
-                minibatch_loss = share.detach() if minibatch_loss is None else minibatch_loss + share.detach()
+                if piece.real:
+                    minibatch_loss = share.detach() if minibatch_loss is None else minibatch_loss + share.detach()
                 for key, value in out.items():
                     if value.numel() == 1:
-                        sums.setdefault(key, []).append(value.detach())  # read back once, in summarise
+                        # read back once, in summarise; a placeholder's as NaN (ignored), so that every
+                        # process reports the same keys
+                        sums.setdefault(key, []).append(value.detach() if piece.real else math.nan)
         self.strategy.reduce_gradients(self.parameters())
         return minibatch_loss
 
@@ -245,13 +272,14 @@ class Updater:
         )
 
     def update(self, pairs: TensorDict, conditioning: TensorDict, iteration: int = 0,
-               placeholder: TensorDict | None = None) -> dict[str, float]:
+               placeholder: TensorDict | None = None, rows_per_process: list[int] | None = None) -> dict[str, float]:
         """``inner_epochs`` passes of mini-batch updates; the diagnostics' summary, ``num_updates``, ``num_pairs``.
 
         ``pairs``: the (sample, step) pairs, or for a ``batch_kind == "samples"`` loss the samples.
         ``iteration``: the training iteration, named in a ``NumericalError``.
         ``placeholder``: one row this process runs at weight 0 when it has no row of a mini-batch that
-        another process has (several processes only; see ``minibatches``). With several processes
+        another process has (several processes only; see ``minibatches``). ``rows_per_process``: every
+        process's row count when the caller knows it (saves a collective, ``plan``). With several processes
         ``num_pairs`` is the global count and the diagnostics are reduced over processes.
         """
         sums: dict[str, list] = {}
@@ -264,11 +292,17 @@ class Updater:
                 placeholder = self.prepare_samples(placeholder.clone(), conditioning)
             if placeholder is not None and pairs.batch_size[0] > 0:
                 placeholder = pairs[:1]
-        global_rows = int(self.strategy.all_reduce(torch.tensor(float(pairs.batch_size[0]), dtype=torch.float64), "sum"))
+        n = pairs.batch_size[0]
+        sigma = getattr(getattr(self.loss_module, "tensor_keys", None), "sigma", None)
+        local_pairs = float(pairs.get(sigma).numel()) if samples and n and sigma in pairs.keys() else 0.0
+        if samples:
+            rows_per_process = None  # the trained pairs per sample are the loss's: counted by a collective
+        plan = self.plan(n, extra=local_pairs, rows_per_process=rows_per_process)
+        global_rows = int(plan[0].sum())
         for epoch in range(self.config.inner_epochs):
             if global_rows == 0:
                 break
-            for index, pieces in enumerate(self.minibatches(pairs, conditioning, epoch, placeholder)):
+            for index, pieces in enumerate(self.minibatches(pairs, conditioning, epoch, placeholder, plan)):
                 if not pieces:
                     continue
                 self.step(pieces, sums, iteration=iteration, epoch=epoch, minibatch=index)
@@ -281,6 +315,5 @@ class Updater:
             stats.update(self.loss_module.after_update(num_updates))
             sigma = self.loss_module.tensor_keys.sigma
             stats["num_samples"] = stats["num_pairs"]
-            local = float(pairs.get(sigma).numel()) if sigma in pairs.keys() and pairs.batch_size[0] else 0.0
-            stats["num_pairs"] = int(self.strategy.all_reduce(torch.tensor(local, dtype=torch.float64), "sum"))
+            stats["num_pairs"] = int(plan[2])
         return stats
