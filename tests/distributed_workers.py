@@ -4,6 +4,7 @@ union of their data, and records the largest difference in ``<out>/rank<r>.json`
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from algos.advantages import ADVANTAGES, make_advantage
+from algos.advantages import make_advantage
 from algos.distributed import DDPStrategy
 from algos.evaluation import final_rewards
 from algos.losses import LOSSES, SAMPLES, batch_kind
@@ -146,7 +147,7 @@ def run_checks(rank: int, world: int, out: str) -> None:
         for loss, kwargs in LOSS_CASES:
             for micro in MICRO_BATCHES:
                 results[case_name(loss, kwargs, micro)] = gradient_case(rank, world, loss, kwargs, micro)
-        for name in ADVANTAGES.names():
+        for name in ("gdpo", "group", "group_std", "per_prompt"):
             results[f"advantage/{name}"] = advantage_case(rank, world, name)
         results["noise"] = noise_case(rank, world)
     except Exception:
@@ -154,4 +155,6 @@ def run_checks(rank: int, world: int, out: str) -> None:
         raise
     finally:
         Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+        dist.barrier()
+        gc.collect()  # the DDP reducers of the checks' trainers go before the process group they hold
         dist.destroy_process_group()
