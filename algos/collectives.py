@@ -46,7 +46,7 @@ def rank_seed(seed: int, rank: int, world_size: int) -> int:
 
     ``seed`` itself in a world of one (a single process draws exactly what it always drew); otherwise
     ``(seed * m + rank + 1) mod (2^61 - 1)`` with a fixed odd multiplier ``m``: distinct for the
-    ranks of one run, the same for the same (seed, rank), and never the single-process stream.
+    ranks of one run (up to 2^61 - 1 of them) and the same for the same (seed, rank).
     """
     if world_size == 1:
         return int(seed)

@@ -355,7 +355,9 @@ class Trainer:
         t = self.cfg.trainer
         if not t.drift_every_iteration or (self.iteration + 1) % t.drift_every:
             return torch.tensor(float("nan"))
-        samples = drift_sample_indices(traj.batch_size[0], t.drift_samples)
+        # trainer.drift_samples counts the whole iteration's samples: each process takes its share
+        share = None if t.drift_samples is None else -(-int(t.drift_samples) // self.strategy.world_size)
+        samples = drift_sample_indices(traj.batch_size[0], share)
         return trajectory_drift(self.backend, self.policy, traj, self.strategy.autocast, samples=samples,
                                 rows_per_forward=t.drift_rows_per_forward)
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
@@ -221,6 +223,16 @@ def test_ddp_without_torchrun_says_how_to_launch(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(ValueError, match="launch with torchrun --nproc_per_node=N"):
         strategy_from_config(DistributedConfig(strategy="ddp"))
+
+
+@given(st.integers(0, 2**62), st.integers(2, 64))
+def test_rank_seeds_are_distinct_and_one_process_keeps_its_seed(seed, world):
+    from algos.collectives import rank_seed
+
+    seeds = [rank_seed(seed, rank, world) for rank in range(world)]
+    assert len(set(seeds)) == world
+    assert rank_seed(seed, 0, 1) == seed
+    assert seeds == [rank_seed(seed, rank, world) for rank in range(world)]  # a function of (seed, rank)
 
 
 def test_one_process_has_no_process_group():
