@@ -81,6 +81,8 @@ class TrainerConfig:
     weight_decay: float = 1.0e-4
     max_grad_norm: Optional[float] = 1.0
     fused_optimizer: Optional[bool] = None  # torch's fused AdamW; None = where the parameters allow it (CPU / CUDA floats)
+    compile: bool = False  # torch.compile of the velocity model (rollout, loss and reference forwards); off by default: minutes of compilation on a CPU
+    compile_mode: Optional[str] = None  # torch.compile's mode: None (default), "reduce-overhead" (CUDA graphs), "max-autotune"
     drop_zero_advantage: bool = True
     refresh_old_policy: bool = False  # recompute old log-probs per mini-batch before the first update (+1 forward)
     mixed_precision: bool = True  # bf16 autocast on CUDA for float32 backends; log-probs stay float32
@@ -262,6 +264,9 @@ def _validate(cfg: RunConfig) -> None:
     t, e, a = cfg.trainer, cfg.env, cfg.algo
     check_device(cfg.device)  # a CUDA device on a machine without CUDA: a clear error, before the model
     check_distributed(t.distributed)
+    if t.compile_mode not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+        raise ValueError("trainer.compile_mode must be null, 'default', 'reduce-overhead', 'max-autotune' or "
+                         f"'max-autotune-no-cudagraphs'; got {t.compile_mode!r}")
     for key in ("iterations", "inner_epochs", "num_minibatches", "rollout_batches"):
         _positive(getattr(t, key), f"trainer.{key}", integer=True)
     for key in ("eval_every", "checkpoint_every"):

@@ -231,6 +231,10 @@ class Trainer:
         )
         self.backend = self.env.backend
         self.strategy.setup(self.backend.velocity_model())  # FSDP shards before anything copies the parameters
+        if t.compile:
+            # in place (nn.Module.compile): the backend, the policy, the loss and DDP keep calling the same
+            # module; shapes that change (rollout batch, micro-batches) are recompiled once, then dynamic
+            self.backend.velocity_model().compile(mode=t.compile_mode)
         self.policy = FlowPolicy(self.backend, **policy_arguments, seed=rank_seed(seed + 1, rank, world))
         self.loss_module = loss_class(self.policy, **dict(a.loss))
 

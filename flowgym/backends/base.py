@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import weakref
 from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -187,6 +188,24 @@ class FlowBackend(nn.Module):
     def clear_prompt_cache(self) -> None:
         self._prompt_cache.clear()
         self._stacked_prompts = None
+        self.__dict__.pop("_guidance_pair", None)
+
+    def guidance_conditioning(self, cond: TensorDict) -> TensorDict:
+        """``[negative prompt x B; cond]``, the conditioning of a batched classifier-free-guidance forward.
+
+        Built once per conditioning object and reused while the same one comes back: a rollout passes
+        its episode's conditioning at every step, so the concatenation (for SD3, B x 333 tokens x 4096
+        of T5 states twice) happens once per episode instead of once per step. A conditioning must not
+        be changed in place between calls (nothing in flowgym does; a new one is always a new object).
+        """
+        cached = self.__dict__.get("_guidance_pair")
+        key = (self.negative_prompt, cond.batch_size, cond.device)
+        if cached is not None and cached[0]() is cond and cached[1] == key:
+            return cached[2]
+        negative = self.encode_prompts([self.negative_prompt]).expand(cond.batch_size[0]).to(cond.device)
+        both = torch.cat([negative, cond])
+        self.__dict__["_guidance_pair"] = (weakref.ref(cond), key, both)
+        return both
 
     def velocity(self, latents: Tensor, sigma: Tensor, cond: TensorDict, guidance_scale: float = 1.0) -> Tensor:
         """Predicted velocity, with classifier-free guidance when ``guidance_scale != 1``.
@@ -197,10 +216,7 @@ class FlowBackend(nn.Module):
         sigma = torch.as_tensor(sigma, device=latents.device, dtype=torch.float32).expand(latents.shape[0])
         if guidance_scale == 1.0:
             return self._forward(latents, sigma, cond)
-        negative = self.encode_prompts([self.negative_prompt]).expand(latents.shape[0]).to(cond.device)
-        both = self._forward(
-            torch.cat([latents, latents]), torch.cat([sigma, sigma]), torch.cat([negative, cond.to(negative.device)])
-        )
+        both = self._forward(torch.cat([latents, latents]), torch.cat([sigma, sigma]), self.guidance_conditioning(cond))
         v_neg, v_cond = both.chunk(2)
         return v_neg + guidance_scale * (v_cond - v_neg)
 

@@ -393,10 +393,7 @@ class DiffusersBackend(FlowBackend):
                     "(as its diffusers pipeline ignores it)", stacklevel=2,
                 )
             return self._forward(latents, sigma, cond)
-        negative = self.encode_prompts([self.negative_prompt]).expand(latents.shape[0]).to(cond.device)
-        both = self._forward(
-            torch.cat([latents, latents]), torch.cat([sigma, sigma]), torch.cat([negative, cond.to(negative.device)])
-        )
+        both = self._forward(torch.cat([latents, latents]), torch.cat([sigma, sigma]), self.guidance_conditioning(cond))
         v_neg, v_cond = both.chunk(2)
         return self.combine_guidance(v_neg, v_cond, guidance_scale)
 
