@@ -299,14 +299,19 @@ class Updater:
             rows_per_process = None  # the trained pairs per sample are the loss's: counted by a collective
         plan = self.plan(n, extra=local_pairs, rows_per_process=rows_per_process)
         global_rows = int(plan[0].sum())
-        for epoch in range(self.config.inner_epochs):
-            if global_rows == 0:
-                break
-            for index, pieces in enumerate(self.minibatches(pairs, conditioning, epoch, placeholder, plan)):
-                if not pieces:
-                    continue
-                self.step(pieces, sums, iteration=iteration, epoch=epoch, minibatch=index)
-                num_updates += 1
+        checked = contextlib.nullcontext()
+        if not samples and n and hasattr(self.loss_module, "checked_inputs"):
+            self.loss_module.check_input(pairs)  # once per rollout, not once per micro-batch
+            checked = self.loss_module.checked_inputs()
+        with checked:
+            for epoch in range(self.config.inner_epochs):
+                if global_rows == 0:
+                    break
+                for index, pieces in enumerate(self.minibatches(pairs, conditioning, epoch, placeholder, plan)):
+                    if not pieces:
+                        continue
+                    self.step(pieces, sums, iteration=iteration, epoch=epoch, minibatch=index)
+                    num_updates += 1
         stats = self.strategy.reduce_metrics(summarise(sums))
         stats["num_updates"] = num_updates
         stats["num_pairs"] = global_rows

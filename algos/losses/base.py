@@ -72,6 +72,7 @@ in ``extra_diagnostic_keys``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -296,6 +297,25 @@ class FlowPolicyLoss(LossModule):
     def _flat_input(self, td: TensorDictBase) -> TensorDictBase:
         if td.batch_dims != 1:
             td = td.reshape(-1)
+        if not self.__dict__.get("_inputs_checked", False):
+            self.check_input(td)
+        return td
+
+    @contextlib.contextmanager
+    def checked_inputs(self) -> Iterator[None]:
+        """Inside the context the loss trusts its inputs: ``check_input`` is not run on every call.
+        The updater checks a rollout's pairs once (``check_input``), then runs all its mini-batches
+        here: no key checks and no host sync (the all-stochastic test) per micro-batch."""
+        previous = self.__dict__.get("_inputs_checked", False)
+        self.__dict__["_inputs_checked"] = True
+        try:
+            yield
+        finally:
+            self.__dict__["_inputs_checked"] = previous
+
+    def check_input(self, td: TensorDictBase) -> None:
+        """What a loss input must be: the rollout's entries (``in_keys``), at least one row, only
+        stochastic steps; ``KeyError`` / ``ValueError`` saying what is wrong."""
         k = self.tensor_keys
         missing = [key for key in (k.latent, k.sigma, k.sigma_next, k.stochastic, k.action, k.sample_log_prob, k.loc, k.scale, k.advantage) if key not in td.keys(include_nested=True)]
         if missing:
@@ -308,7 +328,6 @@ class FlowPolicyLoss(LossModule):
                 f"the loss input holds {int((~stochastic.bool()).sum())} deterministic (ODE) steps; only stochastic "
                 f"steps have a density: select them first, e.g. td = td[td[{k.stochastic!r}]]"
             )
-        return td
 
     def _advantage(self, td: TensorDictBase, n: int, device: torch.device) -> Tensor:
         key = self.tensor_keys.advantage
