@@ -25,7 +25,8 @@ and prints
 * ``all-in ratio`` = rollout with the reward model / (bare + models): the whole rollout over all
   the model compute it needs;
 * ``noise share`` = noise / bare: the part of the env ratio that is the sampler itself;
-* ``floor ratio`` = floor / bare: what this machine allows any such rollout, env or not.
+* ``floor ratio`` = floor / bare: what this machine allows any such rollout, env or not;
+* ``env_vs_floor`` = rollout / floor: what the env adds to that floor (the ``ratio env_vs_floor_b<batch>`` lines).
 
     python benchmarks/env_overhead.py                 # digits backend, CPU
     python benchmarks/env_overhead.py --backend toy --device cuda
@@ -114,6 +115,7 @@ def measure(backend: str, batch: int, device: str, repeats: int, group_size: int
         "all_in_ratio": t["full_rollout"] / (t["bare"] + t["models"]),
         "noise_share": t["noise"] / t["bare"],
         "floor_ratio": t["floor"] / t["bare"],
+        "env_vs_floor": t["rollout"] / t["floor"],
     }
 
 
@@ -130,11 +132,15 @@ def main() -> None:
     header = ("batch", "bare ms", "rollout ms", "stepwise ms", "models ms", "full ms", "noise ms",
               "env ratio", "stepwise ratio", "all-in ratio", "noise share", "floor ratio")
     print(" ".join(f"{h:>13}" for h in header))
+    results = []
     for batch in args.batches:
         r = measure(args.backend, batch, args.device, args.repeats)
         values = (r["batch"], r["bare_ms"], r["rollout_ms"], r["stepwise_ms"], r["models_ms"], r["full_rollout_ms"], r["noise_ms"],
                   r["env_ratio"], r["stepwise_ratio"], r["all_in_ratio"], r["noise_share"], r["floor_ratio"])
+        results.append(r)
         print(" ".join(f"{v:>13}" if isinstance(v, int) else f"{v:>13.3f}" for v in values))
+    for r in results:  # the floor-relative target: the env's rollout over the floor loop (no env)
+        print(f"ratio env_vs_floor_b{r['batch']} {r['env_vs_floor']:.3f}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,11 @@ For each batch size, timed alternately in one process (repeats interleaved, medi
 * ``update`` against ``update_floor``: the trainer's updates alone, against the forward + backward +
   optimiser steps over the same pairs;
 * ``drift`` (one reference forward over all states) against ``drift_per_step`` (one per step);
-* fused AdamW against the per-tensor ``foreach`` AdamW on the trained parameters.
+* fused AdamW against the per-tensor ``foreach`` AdamW on the trained parameters;
+* ``rollout_vs_flowgrpo``: the env's rollout (``env.rollout`` with the training policy) against a
+  Flow-GRPO-style per-step loop (``flow_grpo_loop.py``: velocity forward + Flow-SDE step with its
+  log-prob, a device sync per step, then decode and reward) on the same env, on the digits model at
+  each batch and on the tiny SD3 pipeline with guidance 4.5 (``--sd3-batch``, 10 steps, 32 px).
 
 Ends with one machine-readable line per ratio, ``ratio <name> <value>``.
 
@@ -34,6 +38,9 @@ from omegaconf import OmegaConf
 
 from algos.evaluation import drift_kl, trajectory_drift
 from algos.trainer import Trainer
+from flow_grpo_loop import flow_grpo_rollout
+from flowgym.policy import FlowPolicy
+from flowgym.registration import make_env
 from timing import interleaved_medians
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
@@ -128,11 +135,33 @@ def measure(batch: int, device: str, repeats: int, run_dir: Path) -> dict[str, f
     }
 
 
+def rollout_against_flowgrpo(env, policy: FlowPolicy, repeats: int) -> dict[str, float]:
+    """The env's rollout and the Flow-GRPO-style loop on ``env``, alternately; medians in ms and their ratio."""
+    generator = torch.Generator(device=env.device).manual_seed(0)
+
+    @torch.no_grad()
+    def rollout() -> None:
+        env.rollout(env.num_steps, policy)
+
+    t = interleaved_medians({"rollout": rollout, "flowgrpo": lambda: flow_grpo_rollout(
+        env, policy.noise_level, policy.guidance_scale, generator)}, repeats, env.device)
+    return {"rollout_ms": t["rollout"] * 1e3, "flowgrpo_ms": t["flowgrpo"] * 1e3, "ratio": t["rollout"] / t["flowgrpo"]}
+
+
+def tiny_sd3_env(batch: int, device: str):
+    """The tiny offline SD3 pipeline (``env=sd3_tiny``'s model) at 32 px, 10 steps, the JPEG reward."""
+    return make_env("sd3", backend_options={"model": "tiny:sd3", "resolution": 32, "max_sequence_length": 32, "lora_rank": 4,
+                                            "lora_alpha": 8}, num_prompts=max(batch // 4, 1), group_size=4, num_steps=10,
+                    prompts=["a red cube on a table", "two cats", "a lighthouse at night", "a bowl of fruit"],
+                    rewards={"jpeg_compressibility": 1.0}, device=device, seed=0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--sd3-batch", type=int, default=8, help="batch of the tiny SD3 comparison")
     args = parser.parse_args()
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"digits task, device={args.device} ({device_name}), torch {torch.__version__}, threads={torch.get_num_threads()}, "
@@ -146,6 +175,16 @@ def main() -> None:
                          "drift_per_step", "adamw_fused", "adamw_foreach"):
                 print(f"  {name:>22} {r[name + '_ms']:9.2f} ms")
             ratios.update({k: v for k, v in r.items() if not k.endswith("_ms") and k not in ("batch", "pairs")})
+            trainer = make_trainer(batch, args.device, Path(tmp) / f"flowgrpo{batch}")
+            f = rollout_against_flowgrpo(trainer.env, trainer.policy, args.repeats)
+            print(f"  {'rollout':>22} {f['rollout_ms']:9.2f} ms   Flow-GRPO-style loop {f['flowgrpo_ms']:9.2f} ms")
+            ratios[f"rollout_vs_flowgrpo_digits_b{batch}"] = f["ratio"]
+        env = tiny_sd3_env(args.sd3_batch, args.device)
+        policy = FlowPolicy(env.backend, guidance_scale=4.5, seed=0)
+        f = rollout_against_flowgrpo(env, policy, max(3, args.repeats // 2))
+        print(f"tiny SD3 pipeline, batch {env.batch_size[0]}, 10 steps, CFG 4.5: rollout {f['rollout_ms']:.1f} ms, "
+              f"Flow-GRPO-style loop {f['flowgrpo_ms']:.1f} ms")
+        ratios["rollout_vs_flowgrpo_sd3"] = f["ratio"]
     for name, value in ratios.items():
         print(f"ratio {name} {value:.3f}")
 
