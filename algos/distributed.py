@@ -197,8 +197,11 @@ class FSDPStrategy(DistributedStrategy):
         from torch.distributed.fsdp import fully_shard
 
         super().setup(model)
-        blocks = [block for module in model.modules() if isinstance(module, nn.ModuleList) for block in module]
-        for block in blocks:
+        # the outermost ModuleLists' blocks (a block's own ModuleLists, e.g. attention outputs, stay inside it)
+        named = [(f"{name}.{i}", block) for name, module in model.named_modules() if isinstance(module, nn.ModuleList)
+                 for i, block in enumerate(module)]
+        outer = [(name, block) for name, block in named if not any(name.startswith(other + ".") for other, _ in named)]
+        for _, block in outer:
             if any(p.requires_grad for p in block.parameters()):
                 fully_shard(block)
         fully_shard(model)

@@ -175,6 +175,19 @@ def test_fsdp2_on_two_ranks_trains_and_checkpoints_the_digits_model_like_ddp(ddp
     assert all(not hasattr(v, "device_mesh") for entry in state["optimizer"]["state"].values() for v in entry.values())
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_lora_with_the_adapters_off_reference_trains_under_both_strategies(tmp_path, strategy):
+    # the compose model: peft LoRA on an MMDiT, the reference = adapters disabled (beta > 0 uses it in the loss)
+    out = torchrun(tmp_path, "env=compose", "reward=compose_dense", "env.num_prompts=2", "env.group_size=4", "trainer.iterations=1",
+                   "trainer.eval_every=0", "trainer.checkpoint_every=1", "algo.loss.beta=0.01", f"trainer.distributed.strategy={strategy}",
+                   f"hydra.run.dir={tmp_path / 'run'}")
+    assert out.returncode == 0, out.stderr[-4000:]
+    row = rows_of(tmp_path / "run")[-1]
+    assert row["world_size"] == 2 and row["kl_ref"] >= 0 and row["num_updates"] == 2
+    weights = load_file(tmp_path / "run" / "checkpoints" / "iter-000001" / "weights.safetensors")
+    assert weights and all("lora" in name for name in weights)  # the adapters only, gathered
+
+
 FAILING_PLUGIN = '''
 import torch.distributed as dist
 from flowgym.rewards import register_reward
