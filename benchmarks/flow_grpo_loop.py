@@ -1,5 +1,5 @@
-"""A Flow-GRPO-style sampling loop, written from the published formulas (``../shared/REFERENCE.md``
-section 2, Flow-SDE), as the comparison point of ``iteration_overhead.py``.
+"""A Flow-GRPO-style sampling loop, written from the published Flow-SDE formulas (``docs/maths.md#flow-sde``),
+as the comparison point of ``iteration_overhead.py``.
 
 What Flow-GRPO's ``pipeline_with_logprob`` does per step, on any flowgym backend: one velocity
 forward (with classifier-free guidance, the negative + positive conditioning concatenated once before
