@@ -4,8 +4,8 @@ Everything the trainer, the updater and the evaluator exchange between processes
 few functions, so the single-process path never touches ``torch.distributed`` (no process group is
 made by ``python -m algos.run``) and a multi-process run computes the same global quantities:
 
-* ``all_gather_cat``: the rank-major concatenation of every rank's tensor (equal or unequal first
-  dimensions), on every rank: the global batch of rewards a group-relative advantage needs;
+* ``all_gather_cat``: the rank-major concatenation of every rank's tensor (one shape on every rank),
+  on every rank: the global batch of rewards a group-relative advantage needs;
 * ``all_gather_objects``: the same for picklable Python objects (prompts, RNG states), and
   ``gather_objects`` to one rank only (evaluation images);
 * ``all_reduce``: sum / max / min of a tensor over ranks, in place;
@@ -74,29 +74,16 @@ def all_reduce(tensor: torch.Tensor, op: Literal["sum", "max", "min"] = "sum") -
     return work.to(tensor.device)
 
 
-def all_gather_cat(tensor: torch.Tensor, same_shape: bool = False) -> torch.Tensor:
-    """Every rank's ``tensor`` concatenated along dim 0 in rank order, on every rank, on ``tensor``'s
-    device; ``tensor`` itself in a world of one. First dims may differ unless ``same_shape`` (the
-    caller knows they are equal: one collective instead of two)."""
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor`` (the same shape on every rank) concatenated along dim 0 in rank order,
+    on every rank, on ``tensor``'s device; ``tensor`` itself in a world of one."""
     n = world_size()
     if n == 1:
         return tensor
-    device = collective_device(tensor.device)
-    local = tensor.detach().to(device).contiguous()
-    if same_shape:
-        pieces = [torch.empty_like(local) for _ in range(n)]
-        dist.all_gather(pieces, local)
-        return torch.cat(pieces).to(tensor.device)
-    sizes = torch.tensor([local.shape[0]], device=device, dtype=torch.int64)
-    all_sizes = [torch.zeros_like(sizes) for _ in range(n)]
-    dist.all_gather(all_sizes, sizes)
-    lengths = [int(s) for s in all_sizes]
-    longest = max(lengths)
-    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=device)
-    padded[: local.shape[0]] = local
-    pieces = [torch.empty_like(padded) for _ in range(n)]
-    dist.all_gather(pieces, padded)
-    return torch.cat([piece[:length] for piece, length in zip(pieces, lengths)]).to(tensor.device)
+    local = tensor.detach().to(collective_device(tensor.device)).contiguous()
+    pieces = [torch.empty_like(local) for _ in range(n)]
+    dist.all_gather(pieces, local)
+    return torch.cat(pieces).to(tensor.device)
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

@@ -110,7 +110,7 @@ class DistributedStrategy(Strategy):
         keys = sorted(metrics)
         digest = zlib.crc32("\n".join(keys).encode())
         local = torch.tensor([[float(digest), *(float(metrics[k]) for k in keys)]], dtype=torch.float64)
-        everything = all_gather_cat(local, same_shape=True)
+        everything = all_gather_cat(local)
         if not bool((everything[:, 0] == digest).all()):
             raise RuntimeError(f"the processes report different metrics; this one: {keys}")
         values = everything[:, 1:]
@@ -134,8 +134,8 @@ class DistributedStrategy(Strategy):
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         return all_reduce(tensor, op)  # type: ignore[arg-type]
 
-    def all_gather_cat(self, tensor: torch.Tensor, same_shape: bool = False) -> torch.Tensor:
-        return all_gather_cat(tensor, same_shape)
+    def all_gather_cat(self, tensor: torch.Tensor) -> torch.Tensor:
+        return all_gather_cat(tensor)
 
     def all_gather_objects(self, obj: Any) -> list[Any]:
         return all_gather_objects(obj)
@@ -231,22 +231,22 @@ class FSDPStrategy(DistributedStrategy):
             p.grad.copy_(all_reduce(p.grad, "sum") / self.world_size)
 
     def trainable_state_dict(self, backend: Any) -> dict[str, torch.Tensor]:
-        names = {id(p) for p in backend.trainable_parameters()}
-        return {name: _full(p).detach().cpu().clone() for name, p in backend.velocity_model().named_parameters() if id(p) in names}
+        """The backend's trained weights with each shard gathered (a collective per tensor, in the same
+        order on every process)."""
+        return {name: _full(value).cpu() for name, value in backend.trainable_state_dict().items()}
 
     def load_trainable_state_dict(self, backend: Any, weights: dict[str, torch.Tensor]) -> None:
+        """Full weights sharded like the parameters they go to, then loaded by the backend."""
         from torch.distributed.tensor import DTensor, distribute_tensor
 
         params = dict(backend.velocity_model().named_parameters())
-        unknown = sorted(set(weights) - set(params))
-        if unknown:
-            raise ValueError(f"state holds parameters this backend does not have: {unknown[:5]}")
-        with torch.no_grad():
-            for name, value in weights.items():
-                p = params[name]
-                if isinstance(p, DTensor):
-                    value = distribute_tensor(value.to(p.device, p.dtype), p.device_mesh, p.placements)
-                p.copy_(value)
+        sharded = {}
+        for name, value in weights.items():
+            p = params.get(name)
+            if isinstance(p, DTensor):
+                value = distribute_tensor(value.to(p.device, p.dtype), p.device_mesh, p.placements)
+            sharded[name] = value
+        backend.load_trainable_state_dict(sharded)  # names the unknown parameters, if any
 
     def optimizer_state_dict(self, optimizer: torch.optim.Optimizer, loss_module: nn.Module) -> dict[str, Any]:
         """The optimizer state with every sharded tensor gathered: the same index-keyed format as one

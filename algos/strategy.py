@@ -96,9 +96,8 @@ class Strategy:
         """``tensor`` reduced (``"sum"``, ``"max"``, ``"min"``) over processes."""
         return tensor
 
-    def all_gather_cat(self, tensor: torch.Tensor, same_shape: bool = False) -> torch.Tensor:
-        """Every process's ``tensor`` concatenated along dim 0 in rank order (``same_shape``: the
-        caller knows every process's shape is the same)."""
+    def all_gather_cat(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every process's ``tensor`` (one shape on every process) concatenated along dim 0 in rank order."""
         return tensor
 
     def all_gather_objects(self, obj: Any) -> list[Any]:

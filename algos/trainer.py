@@ -147,7 +147,7 @@ def global_batch(strategy: Strategy, rollout: dict[str, Any], groups: int, promp
     columns = [reward, *(terms[k] for k in names), rollout["group_id"] + strategy.rank * groups, indices,
                torch.full((n,), float(rollout["drift_kl"]))]
     table = torch.stack([c.detach().to(reward.device, torch.float64).reshape(n) for c in columns], dim=1)
-    table = strategy.all_gather_cat(table, same_shape=True)  # (world * n, columns)
+    table = strategy.all_gather_cat(table)  # (world * n, columns)
     if bool((table[:, -2] < 0).any()):
         prompts = [p for part in strategy.all_gather_objects(list(rollout["prompts"])) for p in part]
     else:

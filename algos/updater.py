@@ -141,7 +141,7 @@ class Updater:
             everything = torch.tensor([self._chunk_plan(r, 0.0) for r in rows_per_process], dtype=torch.float64)
         else:
             local = torch.tensor([self._chunk_plan(rows, extra)], dtype=torch.float64)
-            everything = self.strategy.all_gather_cat(local, same_shape=True)
+            everything = self.strategy.all_gather_cat(local)
         return everything[:, :m].sum(0), everything[:, m : 2 * m].amax(0), float(everything[:, -1].sum())
 
     def minibatches(self, pairs: TensorDict, conditioning: TensorDict, epoch: int,

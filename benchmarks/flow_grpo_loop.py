@@ -53,8 +53,7 @@ def flow_grpo_rollout(env, noise_level: float, guidance_scale: float, generator:
                 sigma_t = noise_level * torch.sqrt(s / (1 - denominator))
                 mean = x * (1 + sigma_t**2 / (2 * s) * dt) + v * (1 + sigma_t**2 * (1 - s) / (2 * s)) * dt
                 std = sigma_t * torch.sqrt(-dt)
-                eps = torch.randn(x.shape, generator=generator, device=x.device) if generator.device == x.device else \
-                    torch.randn(x.shape, generator=generator).to(x.device)
+                eps = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
                 x = mean + std * eps
                 log_prob = (-((x - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi)))
                 log_probs.append(log_prob.mean(dim=tuple(range(1, x.dim()))))
