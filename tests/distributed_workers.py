@@ -18,7 +18,7 @@ import torch.distributed as dist
 from algos.advantages import make_advantage
 from algos.distributed import DDPStrategy
 from algos.evaluation import final_rewards
-from algos.losses import LOSSES, SAMPLES, batch_kind
+from algos.losses import LOSSES, SAMPLES
 from algos.strategy import SingleDevice
 from algos.trainer import Trainer, global_batch
 from algos.updater import Updater
