@@ -116,6 +116,10 @@ def test_paper_group_and_options():
     assert {p.method for p in reduced} == {m.label for m in paper.PAPER_METHODS}
     swept = {p.method for p in reduced if not p.setting["default"]}
     assert swept == set(paper.REDUCED_SWEEP)
+    # --sweep-all: every method's sweep at the reduced size (same points as the full version's table)
+    every = paper.build_table(BenchOptions(seeds=1, sweep_all=True))
+    assert {p.method for p in every if not p.setting["default"]} == {m.label for m in paper.PAPER_METHODS if m.sweep}
+    assert len(every) == len(full) and every[0].jobs[0].config["trainer"]["iterations"] == reduced[0].jobs[0].config["trainer"]["iterations"]
     config = reduced[0].jobs[0].config
     assert config["env"]["name"] == "compose" and config["trainer"]["lr"] == 3e-3
     # the scheduler's cost estimate reads the env sizes the family fills in (the recipe leaves them unset)

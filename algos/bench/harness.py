@@ -93,13 +93,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cpu", help="device of every run (cpu, cuda, auto)")
     parser.add_argument("--fresh", action="store_true", help="ignore cached runs and run everything again")
     parser.add_argument("--full", action="store_true", help="paper suites: the full version (every sweep, 100 iterations; use --seeds 5)")
+    parser.add_argument("--sweep-all", action="store_true",
+                        help="paper table: sweep every method's trust-region knob, not only Flow-DPPO's and Flow-GRPO's (the full version always does)")
     parser.add_argument("--methods", default=None, help="paper suites: comma-separated loss names or labels to run (default: all)")
     args = parser.parse_args(argv)
     quick = args.quick or args.suite == "quick"
     seeds = args.seeds if args.seeds is not None else (2 if quick else 3)
     options = BenchOptions(
         seeds=seeds, quick=quick, algos=tuple(a.strip() for a in args.algos.split(",") if a.strip()),
-        overrides=tuple(args.overrides), device=args.device, full=args.full,
+        overrides=tuple(args.overrides), device=args.device, full=args.full, sweep_all=args.sweep_all,
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None,
     )
     return run_suite(args.suite, options, out=args.out, cache=args.cache, num_workers=args.jobs, fresh=args.fresh)

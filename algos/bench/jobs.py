@@ -40,6 +40,7 @@ class BenchOptions:
     device: str = "cpu"
     full: bool = False  # the paper suites' full version (every sweep, 100 iterations) instead of the reduced one
     methods: tuple[str, ...] | None = None  # paper suites: only these methods (loss names or labels); None = all
+    sweep_all: bool = False  # paper table: sweep every method's knob at the reduced size (the full version always does)
 
     def __post_init__(self) -> None:
         if not isinstance(self.seeds, int) or self.seeds < 1:

@@ -5,6 +5,7 @@
     python -m algos.bench paper                  # the reduced version of every paper suite (3 seeds)
     python -m algos.bench paper --full           # the full version (5 seeds, 100 iterations, every sweep)
     python -m algos.bench paper_table --seeds 5  # one suite
+    python -m algos.bench paper_table --seeds 5 --sweep-all  # every method's knob swept, at the reduced size
 
 Every run is the compose recipe (``configs/experiment/compose_recipe.yaml``: FlowDenoise-Compose-v0,
 LoRA rank 16, strict + partial reward, 8 prompts x 8 samples, 2 SDE steps trained) at **lr 3e-3**,
@@ -110,12 +111,12 @@ class Method:
     sweep: tuple[float, ...] = ()
     overrides: tuple[str, ...] = ()
 
-    def settings(self, full: bool, quick: bool = False) -> list[float | None]:
-        """The knob values run: the default, plus the sweep in the full version (or always, for the
-        two methods of the reduced frontier); the quick smoke test takes one sweep value."""
+    def settings(self, full: bool, quick: bool = False, sweep_all: bool = False) -> list[float | None]:
+        """The knob values run: the default, plus the sweep in the full version or with ``sweep_all``
+        (or always, for the two methods of the reduced frontier); the quick smoke test takes one sweep value."""
         if self.knob is None:
             return [None]
-        sweep = self.sweep if (full or self.label in REDUCED_SWEEP) else ()
+        sweep = self.sweep if (full or sweep_all or self.label in REDUCED_SWEEP) else ()
         return list(dict.fromkeys([self.default, *(sweep[:1] if quick else sweep)]))
 
 
@@ -233,7 +234,7 @@ def _setting_text(point: Point) -> str:
 def build_table(options: BenchOptions) -> list[Point]:
     points = []
     for method in _methods(options):
-        for value in method.settings(options.full, options.quick):
+        for value in method.settings(options.full, options.quick, options.sweep_all):
             points.append(_point(method, value, options, setting={"default": value == method.default}))
     return points
 
