@@ -140,6 +140,12 @@ def test_incomplete_or_different_runs_are_not_taken_from_the_cache(quick, tmp_pa
     assert is_complete(copy, job)
     other = Job(job.kind, {**job.config, "seed": job.config["seed"] + 100}, job.params)
     assert not is_complete(copy, other) and job_key(other) != job_key(job)
+    # a setting added later, at the value that reproduces the old behaviour, keeps the cached run;
+    # any other value of it is another run
+    before = Job(job.kind, {**job.config, "trainer": {k: v for k, v in job.config["trainer"].items() if k != "compile"}}, job.params)
+    assert job_key(before) == job_key(job) and is_complete(copy, before)
+    compiled = Job(job.kind, {**job.config, "trainer": {**job.config["trainer"], "compile": True}}, job.params)
+    assert job_key(compiled) != job_key(job) and not is_complete(copy, compiled)
     lines = (copy / "metrics.jsonl").read_text().splitlines()
     (copy / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # a run that died before its last iteration
     assert not is_complete(copy, job)

@@ -102,10 +102,32 @@ def compose_config(algo: str, overrides: Sequence[str] = (), seed: int = 0) -> d
     return OmegaConf.to_container(cfg, resolve=True)
 
 
+#: settings added after runs were cached, each at the value that reproduces the behaviour from before
+#: it existed: a config holding that value hashes as if the setting were absent, so that adding a
+#: setting does not invalidate every cached run (any other value changes the key)
+KEY_NEUTRAL_SETTINGS: dict[tuple[str, ...], Any] = {
+    ("trainer", "compile"): False,
+    ("trainer", "compile_mode"): None,
+}
+
+
+def _key_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` without the settings of ``KEY_NEUTRAL_SETTINGS`` that hold their neutral value."""
+    trimmed = json.loads(json.dumps(config, default=str))
+    for path, neutral in KEY_NEUTRAL_SETTINGS.items():
+        parent = trimmed
+        for part in path[:-1]:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        if isinstance(parent, dict) and path[-1] in parent and parent[path[-1]] == neutral:
+            del parent[path[-1]]
+    return trimmed
+
+
 def job_key(job: Job) -> str:
-    """SHA-256 (first 16 hex digits) of the job's kind, resolved config and parameters."""
+    """SHA-256 (first 16 hex digits) of the job's kind, resolved config (less the neutral settings of
+    ``KEY_NEUTRAL_SETTINGS``) and parameters."""
     payload = json.dumps(
-        {"version": CACHE_VERSION, "kind": job.kind, "config": job.config, "params": job.params},
+        {"version": CACHE_VERSION, "kind": job.kind, "config": _key_config(job.config), "params": job.params},
         sort_keys=True,
         default=str,
     )
@@ -130,7 +152,8 @@ def is_complete(run_dir: Path, job: Job) -> bool:
         stored = json.loads(spec.read_text())
     except json.JSONDecodeError:
         return False
-    if stored.get("kind") != job.kind or stored.get("config") != json.loads(json.dumps(job.config)) or stored.get("params") != json.loads(json.dumps(job.params)):
+    same_config = _key_config(stored.get("config") or {}) == _key_config(job.config)
+    if stored.get("kind") != job.kind or not same_config or stored.get("params") != json.loads(json.dumps(job.params)):
         return False
     if job.kind == "train":
         metrics = run_dir / "metrics.jsonl"
