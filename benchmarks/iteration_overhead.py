@@ -16,7 +16,10 @@ For each batch size, timed alternately in one process (repeats interleaved, medi
 * ``rollout_vs_flowgrpo``: the env's rollout (``env.rollout`` with the training policy) against a
   Flow-GRPO-style per-step loop (``flow_grpo_loop.py``: velocity forward + Flow-SDE step with its
   log-prob, a device sync per step, then decode and reward) on the same env, on the digits model at
-  each batch and on the tiny SD3 pipeline with guidance 4.5 (``--sd3-batch``, 10 steps, 32 px).
+  each batch and on the tiny SD3 pipeline with guidance 4.5 (``--sd3-batch``, 10 steps, 32 px);
+* ``sd3_tiny_vs_digits_iteration``: one iteration of the default trainer on the tiny SD3 pipeline at
+  64 px (``env=sd3_tiny reward=jpeg_compressibility env.backend.resolution=64``: the case that once took
+  50-115 s per iteration) against one on the default digits task, with its collect and update parts.
 
 Ends with one machine-readable line per ratio, ``ratio <name> <value>``.
 
@@ -46,13 +49,50 @@ from timing import interleaved_medians
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 
 
-def make_trainer(batch: int, device: str, run_dir: Path, group_size: int = 8) -> Trainer:
-    overrides = [f"env.num_prompts={batch // group_size}", f"env.group_size={group_size}", "trainer.eval_every=0",
-                 "trainer.checkpoint_every=0", "logger.backends=[csv]", "logger.sample_grid=false", "logger.report=false",
-                 f"trainer.drift_samples={batch // group_size}", f"device={device}"]
+#: the quiet trainer every timed iteration uses: no evaluation, checkpoints, images or report
+QUIET = ["trainer.eval_every=0", "trainer.checkpoint_every=0", "logger.backends=[csv]", "logger.sample_grid=false",
+         "logger.report=false"]
+#: the tiny SD3 case of the issue: ``save_tiny_sd3``'s pipeline at 64 px under the default trainer
+TINY_SD3_ITERATION = ["env=sd3_tiny", "reward=jpeg_compressibility", "env.backend.resolution=64"]
+
+
+def trainer_from(overrides: list[str], device: str, run_dir: Path) -> Trainer:
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+        cfg = compose(config_name="config", overrides=[*QUIET, *overrides, f"device={device}"])
     return Trainer(OmegaConf.to_container(cfg, resolve=True), run_dir, progress=False)
+
+
+def make_trainer(batch: int, device: str, run_dir: Path, group_size: int = 8) -> Trainer:
+    return trainer_from([f"env.num_prompts={batch // group_size}", f"env.group_size={group_size}",
+                         f"trainer.drift_samples={batch // group_size}"], device, run_dir)
+
+
+def trainer_iteration(trainer: Trainer) -> Callable[[], None]:
+    """One iteration without evaluation: collect, advantages, updates."""
+    def run() -> None:
+        rollout = trainer.collect()
+        trainer.update(trainer.training_batch(rollout), rollout["conditioning"])
+    return run
+
+
+def tiny_sd3_beside_digits(device: str, repeats: int, tmp: Path) -> dict[str, float]:
+    """Milliseconds per iteration of the default trainer on the tiny SD3 pipeline at 64 px (its own
+    default sizes: 2 prompts x 4 samples, 4 steps, drift every iteration) and on the default digits task,
+    alternately, with the SD3 iteration's rollout and update parts."""
+    sd3 = trainer_from(TINY_SD3_ITERATION, device, tmp / "sd3_iteration")
+    digits = trainer_from([], device, tmp / "digits_iteration")
+    state: dict[str, object] = {}
+
+    def sd3_collect() -> None:
+        state["rollout"] = sd3.collect()
+        state["pairs"] = sd3.training_batch(state["rollout"])
+
+    sd3_collect()
+    t = interleaved_medians({
+        "sd3_iteration": trainer_iteration(sd3), "digits_iteration": trainer_iteration(digits),
+        "sd3_collect": sd3_collect, "sd3_update": lambda: sd3.update(state["pairs"], state["rollout"]["conditioning"]),
+    }, repeats, sd3.env.device)
+    return {name: value * 1e3 for name, value in t.items()}
 
 
 def measure(batch: int, device: str, repeats: int, run_dir: Path) -> dict[str, float]:
@@ -162,6 +202,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--sd3-batch", type=int, default=8, help="batch of the tiny SD3 comparison")
+    parser.add_argument("--skip-sd3-iteration", action="store_true",
+                        help="leave out the tiny SD3 trainer iteration at 64 px beside the digits one")
     args = parser.parse_args()
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"digits task, device={args.device} ({device_name}), torch {torch.__version__}, threads={torch.get_num_threads()}, "
@@ -185,6 +227,12 @@ def main() -> None:
         print(f"tiny SD3 pipeline, batch {env.batch_size[0]}, 10 steps, CFG 4.5: rollout {f['rollout_ms']:.1f} ms, "
               f"Flow-GRPO-style loop {f['flowgrpo_ms']:.1f} ms")
         ratios["rollout_vs_flowgrpo_sd3"] = f["ratio"]
+        if not args.skip_sd3_iteration:
+            it = tiny_sd3_beside_digits(args.device, max(3, args.repeats // 2), Path(tmp))
+            print(f"tiny SD3 pipeline (save_tiny_sd3, 64 px, default trainer: 2 prompts x 4, 4 steps): iteration "
+                  f"{it['sd3_iteration']:.1f} ms (collect {it['sd3_collect']:.1f}, update {it['sd3_update']:.1f}); "
+                  f"default digits iteration {it['digits_iteration']:.1f} ms")
+            ratios["sd3_tiny_vs_digits_iteration"] = it["sd3_iteration"] / it["digits_iteration"]
     for name, value in ratios.items():
         print(f"ratio {name} {value:.3f}")
 
