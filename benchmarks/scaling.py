@@ -47,8 +47,9 @@ def free_port() -> int:
 
 
 def launch(procs: int, iterations: int, prompts: int, folder: Path, extra: list[str]) -> list[float]:
-    """``prompts``: env.num_prompts, the global groups per iteration."""
-    """One training run with ``procs`` processes; its per-iteration wall times (seconds)."""
+    """One training run with ``procs`` processes; its per-iteration wall times (seconds).
+
+    ``prompts`` is env.num_prompts, the global groups per iteration."""
     run = folder / f"procs{procs}-{len(list(folder.iterdir()))}"
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", f"--master_port={free_port()}",
                "-m", "algos.run", "algo=flow_dppo", f"trainer.iterations={iterations}", "trainer.eval_every=0",

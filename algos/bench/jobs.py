@@ -12,7 +12,6 @@ import multiprocessing
 import os
 import platform
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
