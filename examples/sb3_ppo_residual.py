@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Logger
 
 from flowgym.residual_action import make_residual_env
 
@@ -93,6 +94,8 @@ def main() -> None:
         learning_rate=args.learning_rate, ent_coef=0.0, policy_kwargs=dict(log_std_init=args.log_std_init),
         seed=args.seed, device="cpu", verbose=0,
     )
+    # Without a logger of its own, SB3 writes an empty log folder under /tmp on every learn().
+    model.set_logger(Logger(folder=None, output_formats=[]))
 
     def ppo_action(obs, k):
         return model.predict(obs, deterministic=True)[0]

@@ -236,8 +236,10 @@ def test_deterministic_steps_have_no_log_density():
 
 
 # --------------------------------------------------------------------------- the example
-def test_sb3_ppo_example_runs():
-    """A smoke run of ``examples/sb3_ppo_residual.py`` (the measured run uses the default 240 s budget)."""
+def test_sb3_ppo_example_runs(tmp_path):
+    """A smoke run of ``examples/sb3_ppo_residual.py`` (the measured run uses the default 240 s budget);
+    it leaves nothing in the temporary folder (SB3's default logger would write SB3-<date> there)."""
+    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -245,8 +247,9 @@ def test_sb3_ppo_example_runs():
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run(
         [sys.executable, "examples/sb3_ppo_residual.py", "--budget-s", "3", "--eval-episodes", "2"],
-        cwd=root, capture_output=True, text=True, timeout=300,
+        cwd=root, capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmp_path)},
     )
     assert out.returncode == 0, out.stderr[-3000:]
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("eval reward") and "nan" not in last
+    assert not list(tmp_path.glob("SB3-*")), "the example left an SB3 log folder behind"
