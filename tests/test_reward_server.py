@@ -59,9 +59,13 @@ def free_port() -> int:
 
 def test_served_scores_equal_the_local_reward_bit_for_bit(served):
     images, prompts = digit_images(10)
-    local = make_reward("digit_alignment")(images, prompts)
     remote = RemoteReward(served.url, batch_size=4)(images, prompts)  # three requests: 4 + 4 + 2
+    # The same chunks scored locally: a CPU matmul's rounding may depend on the batch size
+    # (it does on some CI machines), so bit-for-bit holds per request, not across batchings.
+    reward = make_reward("digit_alignment")
+    local = torch.cat([reward(images[i : i + 4], prompts[i : i + 4]) for i in range(0, 10, 4)])
     assert remote.dtype == torch.float32 and torch.equal(remote, local)
+    assert torch.allclose(remote, reward(images, prompts), rtol=1e-5, atol=1e-7)
 
 
 def test_uint8_wire_scores_the_images_rounded_to_8_bits(served):
