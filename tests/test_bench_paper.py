@@ -152,6 +152,13 @@ def test_paper_suites_write_tables_plots_and_paired_tests(paper_quick):
     grpo = next(row for row in defaults if row["method"] == "Flow-GRPO")
     assert grpo["train"]["n"] == 2 and grpo["vs"]["difference"]["n"] == 2
     assert 0.0 <= grpo["train"]["mean"] <= 1.0
+    # the frontier's points as a table: every (method, setting), in knob order, paired against Flow-DPPO's default
+    sweep = table["tables"][3]["rows"]
+    assert len(sweep) == 4 and [row["method"] for row in sweep].count("Flow-DPPO") == 2
+    dppo_default = next(row for row in sweep if row["method"] == "Flow-DPPO" and row["setting"] == "delta = 1e-05")
+    assert dppo_default["vs"] == "(baseline)" and dppo_default["train"] == defaults[methods.index("Flow-DPPO")]["train"]
+    grpo_values = [float(row["setting"].split("= ")[1]) for row in sweep if row["method"] == "Flow-GRPO"]
+    assert grpo_values == sorted(grpo_values) and len(grpo_values) == 2
     assert (out / "paper_index.md").exists()
     reuse = json.loads((out / "paper_reuse.json").read_text())
     assert sorted({row["epochs"] for row in reuse["tables"][0]["rows"]}) == [1, 2]

@@ -310,6 +310,11 @@ def analyse_table(data: SuiteData, out: Path) -> Report:
             categories.rows.append({"method": p.method, "split": split, **{
                 c: _interval(data, p, lambda r, c=c, s=split: final(r, f"eval/{s}/compose/{c}")) for c in CATEGORIES}})
 
+    # the frontier's points as numbers: every setting of every sweep, paired against Flow-DPPO's default
+    sweep_table = Table("Every setting of every sweep (the frontier's points; paired columns against Flow-DPPO at its default)",
+                        SUMMARY_COLUMNS, [_summary_row(data, p, base_default) for pts in by_method.values()
+                                          for p in sorted(pts, key=_knob_value)])
+
     plots = [_frontier_plot(data, by_method, out), _forgetting_plot(data, defaults, out)]
     headline = {m: {"best": _setting_text(p), "train": _interval(data, p, lambda r: final(r, SCORE)).to_json()} for m, p in best.items()}
     notes = [
@@ -325,7 +330,13 @@ def analyse_table(data: SuiteData, out: Path) -> Report:
         "drift KL: exact KL between the Flow-SDE step Gaussians of the trained and the pretrained model along the "
         "evaluation ODE trajectories, mean over dimensions and steps, measured identically for every method.",
     ]
-    return Report([default_table, best_table, categories], plots, notes, headline)
+    return Report([default_table, best_table, categories, sweep_table], plots, notes, headline)
+
+
+def _knob_value(point: Point) -> float:
+    """The sweep's order: the knob's value (a method without a knob has one point)."""
+    value = point.setting.get("value")
+    return 0.0 if value is None else float(value)
 
 
 def _frontier_plot(data: SuiteData, by_method: Mapping[str, list[Point]], out: Path) -> str:
@@ -333,7 +344,7 @@ def _frontier_plot(data: SuiteData, by_method: Mapping[str, list[Point]], out: P
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, pts in by_method.items():
         xs, ys, xe, ye = [], [], [], []
-        for p in sorted(pts, key=lambda p: p.setting["value"] if p.setting["value"] is not None else 0):
+        for p in sorted(pts, key=_knob_value):
             d = _interval(data, p, lambda r: final(r, DRIFT))
             s = _interval(data, p, lambda r: final(r, SCORE))
             xs.append(d.mean), ys.append(s.mean)
